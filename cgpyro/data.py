@@ -1,0 +1,317 @@
+"""The interchange format: CG bin counts of many sequences, as ``.npz`` or NetCDF ``.nc``.
+
+A file holds ``counts`` int (n_sequences, n_times, n_bins), optionally ``bin_edges`` float
+(n_bins + 1,) (default: equal bins on [-1, 1]) and ``dt`` float scalar (default 1.0). Particle
+totals may differ between sequences but not within one. Every rule is checked by ``validate``,
+which refuses bad input with a ``DataError`` (a ``ValueError``) of one line naming the array,
+the rule and what was found.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DataError", "Dataset", "load", "save", "validate"]
+
+SUFFIXES = (".npz", ".nc")
+_INT64_LIMIT = float(2**63)
+
+
+class DataError(ValueError):
+    """A dataset or data file breaks the interchange rules (message: one line)."""
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _first(mask: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.argwhere(mask)[0])
+
+
+def _validate_counts(counts: object) -> np.ndarray:
+    try:
+        arr = np.asarray(counts)
+    except (ValueError, TypeError) as exc:
+        raise DataError(
+            f"counts: expected a rectangular integer array (sequence, time, bin), "
+            f"found {type(counts).__name__} ({_one_line(exc)})"
+        ) from exc
+    if arr.dtype.kind not in "iuf":
+        raise DataError(f"counts: expected integer counts, found dtype {arr.dtype}")
+    if arr.ndim != 3:
+        raise DataError(
+            f"counts: expected 3 dimensions (sequence, time, bin), "
+            f"found {arr.ndim} with shape {arr.shape}"
+        )
+    if 0 in arr.shape:
+        raise DataError(
+            f"counts: expected at least one sequence, time and bin, found shape {arr.shape}"
+        )
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            idx = _first(bad)
+            raise DataError(f"counts: expected finite values, found {arr[idx]} at index {idx}")
+        frac = arr != np.floor(arr)
+        if frac.any():
+            idx = _first(frac)
+            raise DataError(f"counts: expected integer values, found {arr[idx]} at index {idx}")
+        huge = np.abs(arr) >= _INT64_LIMIT
+        if huge.any():
+            idx = _first(huge)
+            raise DataError(f"counts: expected values below 2**63, found {arr[idx]:g} at {idx}")
+    elif arr.dtype == np.uint64:
+        huge = arr > np.iinfo(np.int64).max
+        if huge.any():
+            idx = _first(huge)
+            raise DataError(f"counts: expected values below 2**63, found {arr[idx]} at {idx}")
+    neg = arr < 0
+    if neg.any():
+        idx = _first(neg)
+        raise DataError(f"counts: expected non-negative counts, found {arr[idx]} at index {idx}")
+    out = arr.astype(np.int64)
+    totals = out.sum(axis=2)  # (n_sequences, n_times)
+    empty = totals[:, 0] == 0
+    if empty.any():
+        seq = int(np.flatnonzero(empty)[0])
+        raise DataError(
+            f"counts: expected particles in every sequence, found 0 in sequence {seq} at time 0"
+        )
+    changed = totals != totals[:, :1]
+    if changed.any():
+        seq, t = _first(changed)
+        raise DataError(
+            f"counts: expected a constant particle total within each sequence, found sequence "
+            f"{seq} with {totals[seq, 0]} at time 0 but {totals[seq, t]} at time {t}"
+        )
+    return out
+
+
+def _validate_edges(bin_edges: object, n_bins: int) -> np.ndarray:
+    if bin_edges is None:
+        return np.linspace(-1.0, 1.0, n_bins + 1)
+    try:
+        edges = np.asarray(bin_edges)
+    except (ValueError, TypeError) as exc:
+        raise DataError(f"bin_edges: expected a 1-D float array ({_one_line(exc)})") from exc
+    if edges.dtype.kind not in "iuf":
+        raise DataError(f"bin_edges: expected real numbers, found dtype {edges.dtype}")
+    if edges.shape != (n_bins + 1,):
+        raise DataError(
+            f"bin_edges: expected shape ({n_bins + 1},) for {n_bins} bins, found {edges.shape}"
+        )
+    edges = edges.astype(np.float64)
+    if not np.all(np.isfinite(edges)):
+        raise DataError(f"bin_edges: expected finite values, found {edges[~np.isfinite(edges)][0]}")
+    step = np.diff(edges)
+    if np.any(step <= 0):
+        i = int(np.flatnonzero(step <= 0)[0])
+        raise DataError(
+            f"bin_edges: expected strictly increasing values, found {edges[i]:g} at index {i} "
+            f"followed by {edges[i + 1]:g}"
+        )
+    return edges
+
+
+def _validate_dt(dt: object) -> float:
+    if dt is None:
+        return 1.0
+    value = np.asarray(dt) if not isinstance(dt, str | bytes) else None
+    if value is None or value.ndim != 0 or value.dtype.kind not in "iuf":
+        shown = f"shape {value.shape}" if value is not None and value.ndim else repr(dt)
+        raise DataError(f"dt: expected a positive finite scalar, found {shown}")
+    out = float(value)
+    if not (np.isfinite(out) and out > 0):
+        raise DataError(f"dt: expected a positive finite scalar, found {out}")
+    return out
+
+
+def validate(
+    counts: object, bin_edges: object = None, dt: object = None
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Check the interchange rules; return ``(counts int64, bin_edges float64, dt float)``.
+
+    ``counts`` (n_sequences, n_times, n_bins): non-negative integers (integer-valued floats are
+    cast), constant total over time within each sequence, no empty sequence. ``bin_edges``
+    (n_bins + 1,) finite, strictly increasing (None: equal bins on [-1, 1]). ``dt`` positive
+    finite scalar (None: 1.0). Raises ``DataError`` with one line otherwise.
+    """
+    checked = _validate_counts(counts)
+    return checked, _validate_edges(bin_edges, checked.shape[2]), _validate_dt(dt)
+
+
+@dataclass(eq=False)
+class Dataset:
+    """CG bin counts: ``counts`` int64 (n_sequences, n_times, n_bins), ``bin_edges`` float64
+    (n_bins + 1,), ``dt`` the coarse time step. Validated on construction."""
+
+    counts: np.ndarray
+    bin_edges: np.ndarray | None = None
+    dt: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.counts, self.bin_edges, self.dt = validate(self.counts, self.bin_edges, self.dt)
+
+    @property
+    def n_sequences(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_times(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def n_bins(self) -> int:
+        return self.counts.shape[2]
+
+    @property
+    def totals(self) -> np.ndarray:
+        """Particles per sequence, int64 (n_sequences,)."""
+        return self.counts[:, 0].sum(axis=-1)
+
+    @property
+    def fractions(self) -> np.ndarray:
+        """Bin fractions m_j / N, float64 (n_sequences, n_times, n_bins)."""
+        return self.counts / self.totals[:, None, None]
+
+    def subset(self, sequences: object = None, times: slice | None = None) -> Dataset:
+        """A new Dataset of some sequences (slice, int array or bool mask) and a time slice.
+
+        An integer selects one sequence and keeps the axis. A time slice with step s gives
+        ``dt * s``.
+        """
+        seq = slice(None) if sequences is None else sequences
+        if np.ndim(seq) == 0 and not isinstance(seq, slice):
+            seq = [seq]
+        if times is None:
+            times = slice(None)
+        if not isinstance(times, slice):
+            raise DataError(f"times: expected a slice, found {type(times).__name__}")
+        step = 1 if times.step is None else times.step
+        if step <= 0:
+            raise DataError(f"times: expected a positive slice step, found {step}")
+        try:
+            counts = self.counts[seq][:, times]
+        except IndexError as exc:
+            raise DataError(f"sequences: {_one_line(exc)}") from exc
+        return Dataset(counts=counts.copy(), bin_edges=self.bin_edges.copy(), dt=self.dt * step)
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(n_sequences={self.n_sequences}, n_times={self.n_times}, "
+            f"n_bins={self.n_bins}, dt={self.dt})"
+        )
+
+
+def _suffix(path: Path) -> str:
+    ext = path.suffix.lower()
+    if ext not in SUFFIXES:
+        raise DataError(f"{path}: expected a .npz or .nc file, found suffix '{path.suffix}'")
+    return ext
+
+
+# What numpy, zipfile and h5py raise on files a user can damage (truncated, not a zip/HDF5,
+# wrong content), found by fuzzing truncations and byte flips. KeyError: zip member listed but
+# missing; zlib.error: corrupt deflate data; RuntimeError (and its NotImplementedError): zip
+# headers claiming encryption or unknown compression, HDF5 library errors.
+_READ_ERRORS = (
+    OSError, ValueError, EOFError, KeyError, RuntimeError, zipfile.BadZipFile, zlib.error
+)
+
+
+def _read_npz(path: Path) -> dict[str, object]:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: expected an .npz archive, found a single .npy array")
+    with loaded:
+        if "counts" not in loaded.files:
+            raise DataError(f"{path}: missing array 'counts' (found {sorted(loaded.files)})")
+        return {key: loaded[key] for key in ("counts", "bin_edges", "dt") if key in loaded.files}
+
+
+def _read_nc(path: Path) -> dict[str, object]:
+    # Read the NetCDF4 (HDF5) variables with h5py rather than xarray: on a damaged file
+    # h5netcdf's File.__del__ prints a traceback ("Exception ignored in ...") to stderr.
+    import h5py
+
+    with h5py.File(path, "r") as nc:
+        names = [key for key in nc.keys() if isinstance(nc[key], h5py.Dataset)]
+        if "counts" not in names:
+            raise DataError(f"{path}: missing variable 'counts' (found {sorted(names)})")
+        return {key: nc[key][()] for key in ("counts", "bin_edges", "dt") if key in names}
+
+
+def load(path: str | os.PathLike) -> Dataset:
+    """Read a ``.npz`` or ``.nc`` dataset; any problem -> ``DataError`` naming the file."""
+    path = Path(path)
+    ext = _suffix(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a {ext} file")
+    try:
+        arrays = _read_npz(path) if ext == ".npz" else _read_nc(path)
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise DataError(f"{path}: cannot read as {ext} ({_one_line(exc)})") from exc
+    try:
+        return Dataset(**arrays)
+    except DataError as exc:
+        raise DataError(f"{path}: {exc}") from exc
+
+
+def save(dataset: Dataset, path: str | os.PathLike) -> Path:
+    """Write ``dataset`` to ``.npz`` (compressed) or ``.nc`` atomically; returns the path.
+
+    Writes a temporary file in the target directory and renames it over ``path``, so a crash
+    never leaves a half-written dataset under the final name.
+    """
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"dataset: expected a cgpyro.data.Dataset, found {type(dataset).__name__}")
+    path = Path(path)
+    ext = _suffix(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if ext == ".npz":
+            with open(tmp, "xb") as fh:  # "x": never clobber; open() honours the umask
+                np.savez_compressed(
+                    fh,
+                    counts=dataset.counts,
+                    bin_edges=dataset.bin_edges,
+                    dt=np.float64(dataset.dt),
+                )
+        else:
+            _to_xarray(dataset).to_netcdf(tmp, engine="h5netcdf")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno is None:
+            raise OSError(f"{path}: cannot write ({_one_line(exc)})") from exc
+        # os.strerror: h5py's strerror is a paragraph naming the temporary file
+        raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _to_xarray(dataset: Dataset):
+    import xarray as xr
+
+    return xr.Dataset(
+        {
+            "counts": (("sequence", "time", "bin"), dataset.counts),
+            "bin_edges": (("edge",), dataset.bin_edges),
+            "dt": ((), np.float64(dataset.dt)),
+        },
+        attrs={"description": "cgpyro CG bin counts (sequence, time, bin)"},
+    )

@@ -1,0 +1,153 @@
+"""Distributions used by the CG state-space model.
+
+Shapes follow the package convention: a trailing ``bin`` axis (event), optionally preceded by a
+``time`` axis (event in the time-vectorized form) and a ``sequence`` axis (batch).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from pyro.distributions import TorchDistribution, constraints
+from torch.distributions import Distribution
+
+__all__ = ["BinCounts", "MarkovChain", "lognormal_moments"]
+
+
+def lognormal_moments(loc: torch.Tensor, scale: torch.Tensor):
+    """``(E[X], Var[X])`` of ``LogNormal(loc, scale)``, elementwise."""
+    s2 = scale.pow(2)
+    mean = torch.exp(loc + 0.5 * s2)
+    return mean, torch.expm1(s2) * mean.pow(2)
+
+
+class BinCounts(TorchDistribution):
+    r"""Counts of FG particles in CG bins given the CG state, eq. 17 of the paper.
+
+    ``log p(m | X) = log N! - Σ_j log m_j! + Σ_j m_j log X_j``
+
+    written as in the paper with the *unnormalized* ``X``: nothing here forces ``Σ_j X_j = 1``;
+    it is the mass virtual observable (eq. 18) that normalizes ``X``. With ``Σ X = 1`` this is
+    the multinomial density. ``sample()`` draws ``Multinomial(N, X / Σ X)``, i.e. the FG bin
+    counts reconstructed by p_cf (Algorithm 1, step 5).
+
+    :param x: CG state ``X``, positive, shape ``(..., n_bins)``.
+    :param total_count: particles ``N`` per FG state, shape broadcastable to ``x.shape[:-1]``.
+    """
+
+    # Not validated as positive: forward samples under a drift can step below 0; sample() clamps.
+    arg_constraints = {"x": constraints.independent(constraints.real, 1)}
+    support = constraints.independent(constraints.nonnegative_integer, 1)
+    has_rsample = False
+
+    def __init__(self, x: torch.Tensor, total_count, validate_args=None):
+        total_count = torch.as_tensor(total_count, dtype=x.dtype, device=x.device)
+        batch_shape = torch.broadcast_shapes(x.shape[:-1], total_count.shape)
+        self.x = x.expand(batch_shape + x.shape[-1:])
+        self.total_count = total_count.expand(batch_shape)
+        super().__init__(batch_shape, x.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return BinCounts(
+            self.x.expand(batch_shape + self.event_shape), self.total_count.expand(batch_shape)
+        )
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        norm = torch.lgamma(value.sum(-1) + 1) - torch.lgamma(value + 1).sum(-1)
+        # xlogy: an empty bin contributes 0 even where X underflows to 0.
+        return norm + torch.xlogy(value, self.x).sum(-1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.total_count.unsqueeze(-1) * self.x / self.x.sum(-1, keepdim=True)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(sample_shape)
+        with torch.no_grad():
+            # float64 keeps counts up to 2**53 exact (the float32 grid is 64 particles wide at 1e9).
+            p = self.x.clamp_min(0).to(torch.float64)
+            p = (p / p.sum(-1, keepdim=True)).expand(shape)
+            remaining = self.total_count.to(torch.float64).expand(shape[:-1]).clone()
+            tail = torch.ones_like(remaining)
+            out = torch.empty(shape, dtype=torch.float64, device=p.device)
+            # Multinomial by conditional binomials: torch's Multinomial needs one scalar N.
+            for j in range(shape[-1] - 1):
+                q = (p[..., j] / tail.clamp_min(1e-300)).clamp(0.0, 1.0)
+                n_j = torch.binomial(remaining, q)
+                out[..., j] = n_j
+                remaining = remaining - n_j
+                tail = tail - p[..., j]
+            out[..., -1] = remaining
+        return out.to(self.x.dtype)
+
+
+class MarkovChain(TorchDistribution):
+    r"""Joint density of a first-order Markov chain, vectorized over time.
+
+    ``p(X_{0:T-1}) = p_0(X_0) Π_{t≥1} p(X_t | X_{t-1})`` with event shape ``(n_steps, n_bins)``.
+    With ``start`` given instead of ``init``, the chain is ``X_{1:n}`` continuing from a known
+    ``X_0 = start`` (used for forecasts): ``Π_{t=1}^{n} p(X_t | X_{t-1})``.
+
+    :param step: maps ``X_{t-1}`` of shape ``(..., n_bins)`` to the distribution of ``X_t``
+        (event shape ``(n_bins,)``); it must broadcast over leading axes.
+    :param n_steps: number of states in the event.
+    :param init: distribution of ``X_0`` (event ``(n_bins,)``), or ``None`` with ``start``.
+    :param start: known state preceding the chain, shape ``(..., n_bins)``.
+    """
+
+    arg_constraints = {}
+    support = constraints.independent(constraints.positive, 2)
+    has_rsample = False
+
+    def __init__(
+        self,
+        step: Callable[[torch.Tensor], Distribution],
+        n_steps: int,
+        init: Distribution | None = None,
+        start: torch.Tensor | None = None,
+        validate_args=None,
+    ):
+        assert (init is None) != (start is None), "MarkovChain takes exactly one of init, start"
+        self.step, self.n_steps, self.init, self.start = step, int(n_steps), init, start
+        if init is not None:
+            batch_shape, n_bins = init.batch_shape, init.event_shape[-1]
+        else:
+            batch_shape, n_bins = start.shape[:-1], start.shape[-1]
+        super().__init__(
+            batch_shape, torch.Size([self.n_steps, n_bins]), validate_args=False
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        if self.init is not None:
+            return MarkovChain(self.step, self.n_steps, init=self.init.expand(batch_shape))
+        start = self.start.expand(batch_shape + self.start.shape[-1:])
+        return MarkovChain(self.step, self.n_steps, start=start)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self.init is not None:
+            lp = self.init.log_prob(value[..., 0, :])
+            prev, nxt = value[..., :-1, :], value[..., 1:, :]
+        else:
+            lp = 0.0
+            prev = torch.cat([self.start.unsqueeze(-2).expand_as(value[..., :1, :]), value[..., :-1, :]], -2)
+            nxt = value
+        if nxt.shape[-2] > 0:
+            lp = lp + self.step(prev).log_prob(nxt).sum(-1)
+        return lp
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            x = self.init.sample(sample_shape) if self.init is not None else None
+            states = [] if x is None else [x]
+            prev = x if x is not None else self.start.expand(
+                torch.Size(sample_shape) + self.start.shape
+            )
+            while len(states) < self.n_steps:
+                prev = self.step(prev).sample()
+                states.append(prev)
+        return torch.stack(states, -2)

@@ -1,0 +1,394 @@
+"""Stochastic variational inference for :class:`~cgpyro.model.CGModel` (section 2.5)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from .elbo import AnalyticTraceELBO
+from .guides import LogNormalGuide
+from .transitions import Drift
+
+__all__ = ["SVIInference", "NumericalError", "fit_drift_least_squares", "as_counts"]
+
+
+class NumericalError(RuntimeError):
+    """The loss or a parameter became NaN or infinite during training."""
+
+
+def as_counts(data, device=None, dtype=torch.float64) -> torch.Tensor:
+    """Counts ``(n_sequences, n_times, n_bins)`` as a float tensor from a Dataset/array/tensor."""
+    counts = getattr(data, "counts", data)
+    counts = torch.as_tensor(np.asarray(counts) if not torch.is_tensor(counts) else counts)
+    if counts.dim() != 3:
+        raise ValueError(
+            f"counts must have shape (n_sequences, n_times, n_bins), got {tuple(counts.shape)}"
+        )
+    return counts.to(dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------- warm start
+def _identity_relu_init(drift: Drift, A: torch.Tensor, b: torch.Tensor, generator) -> dict:
+    """θ for a ReLU MLP that computes exactly ``A X + b`` on X ≥ 0 (hidden widths ≥ n_bins).
+
+    Hidden units ``1..B`` pass ``B·X`` through (ReLU is the identity on positive inputs); extra
+    units start random with zero outgoing weight. Starting the paper's network here avoids the
+    poor local minima it falls into from a random start.
+    """
+    B, dtype = drift.n_bins, A.dtype
+    values = drift.init_values(generator, dtype)
+    for k in range(len(drift.hidden)):
+        w, bias = values[f"mlp.{k}.weight"], values[f"mlp.{k}.bias"]
+        w[:B] = 0.0
+        w[:B, :B] = torch.eye(B, dtype=dtype)
+        bias[:B] = 0.0
+    last = len(drift.hidden)
+    values[f"mlp.{last}.weight"].zero_()
+    values[f"mlp.{last}.weight"][:, :B] = A
+    values[f"mlp.{last}.bias"] = b * B
+    return values
+
+
+def fit_drift_least_squares(
+    model, counts: torch.Tensor, theta: dict[str, torch.Tensor], max_iter: int = 300,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Warm start: fit θ_NN by least squares to pairs of empirical bin fractions.
+
+    Minimizes ``Σ |m_{t+1}/N - m_t/N - NN(m_t/N)|²`` with L-BFGS from the closed-form ridge
+    solution of the linear map (or, for a ReLU MLP without linear skip, from a network that
+    computes that linear map exactly). Sets the transition noise from the residuals.
+    Returns a new θ dict (the input is not modified).
+
+    :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
+    """
+    drift = model.transition.drift
+    B = drift.n_bins
+    frac = counts / counts.sum(-1, keepdim=True)
+    x = frac[:, :-1].reshape(-1, B).cpu()
+    y = frac[:, 1:].reshape(-1, B).cpu()
+    target = y - x
+    # Ridge LS for A x + b: the fractions lie on Σx = 1, so [x, 1] is rank-deficient by one.
+    Z = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+    G = Z.T @ Z
+    G = G + 1e-9 * G.diagonal().mean() * torch.eye(B + 1, dtype=G.dtype)
+    W = torch.linalg.solve(G, Z.T @ target)
+    A, b = W[:B].T.contiguous(), W[B].contiguous()
+
+    theta = {k: v.detach().clone().cpu() for k, v in theta.items()}
+    if drift.linear_skip:
+        theta["transition.drift.linear.weight"] = A.clone()
+        theta["transition.drift.linear.bias"] = b.clone()
+        if drift.hidden:  # the MLP starts as a zero correction to the linear map
+            last = len(drift.hidden)
+            theta[f"transition.drift.mlp.{last}.weight"].zero_()
+            theta[f"transition.drift.mlp.{last}.bias"].zero_()
+    elif drift.activation == "relu" and all(h >= B for h in drift.hidden):
+        init = _identity_relu_init(drift, A, b, generator)
+        theta.update({f"transition.drift.{k}": v for k, v in init.items()})
+
+    names = [k for k in theta if k.startswith("transition.drift.") and k not in model.fixed]
+    params = {k: theta[k].clone().requires_grad_(True) for k in names}
+    scale = target.pow(2).mean().clamp_min(1e-30)
+
+    def loss_fn():
+        full = {k[len("transition.drift."):]: params.get(k, theta[k])
+                for k in theta if k.startswith("transition.drift.")}
+        return (x + drift(x, full) - y).pow(2).mean() / scale
+
+    if names and max_iter > 0:
+        opt = torch.optim.LBFGS(list(params.values()), lr=1.0, max_iter=max_iter,
+                                tolerance_grad=1e-12, tolerance_change=1e-14,
+                                history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn()
+            loss.backward()
+            return loss
+
+        before = loss_fn().item()
+        opt.step(closure)
+        after = loss_fn().item()
+        if not math.isfinite(after) or after > before:  # keep the start if L-BFGS diverged
+            params = {k: theta[k] for k in names}
+        theta.update({k: v.detach() for k, v in params.items()})
+    with torch.no_grad():
+        full = {k[len("transition.drift."):]: v for k, v in theta.items()
+                if k.startswith("transition.drift.")}
+        residuals = x + drift(x, full) - y
+    for name, value in model.transition.noise_init(residuals).items():
+        if f"transition.{name}" not in model.fixed:
+            theta[f"transition.{name}"] = value
+    return theta
+
+
+# --------------------------------------------------------------------------- SVI
+def _decay_lr(optim, factor: float) -> None:
+    """Set every param group's lr to ``factor`` times its initial lr."""
+    for opt in optim.optim_objs.values():
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * factor
+
+
+class SVIInference:
+    r"""Fit a :class:`~cgpyro.model.CGModel` by SVI with ``Trace_ELBO`` and Adam.
+
+    Settings are stored here; :meth:`fit` trains. The stiff virtual observables are annealed
+    (σ_c from ``sigma_start`` to its final value, see :class:`~cgpyro.virtual.VirtualObservable`),
+    and the learning rates decay geometrically to ``lr · lr_final_factor``.
+
+    :param model: the model.
+    :param guide: ``"lognormal"`` (the paper's guide) or a factory
+        ``guide(model, counts, theta_init) -> guide``.
+    :param steps: total SVI steps (a resumed run continues up to this number).
+    :param lr: Adam step size of the local (per sequence) variational parameters.
+    :param lr_theta: Adam step size of θ (default ``lr / 10``).
+    :param warm_start: initialize θ_NN by least squares on the empirical fractions.
+    :param tol: stop early once annealing is over and the mean loss over ``window`` steps improves
+        by less than ``tol`` nats per (sequence, time) between windows (``None``: never).
+    :param callbacks: ``callback(step, loss, inference)``; a callback returning ``True`` stops.
+    :param checkpoint: path of the checkpoint file (``None``: no checkpoints).
+    :param elbo: ``"analytic"`` (:class:`~cgpyro.elbo.AnalyticTraceELBO`: closed-form
+        expectations of the data, constraint and entropy terms; same ELBO, lower variance) or
+        ``"trace"`` (plain ``Trace_ELBO``).
+    """
+
+    def __init__(
+        self,
+        model,
+        guide: str | Callable = "lognormal",
+        *,
+        steps: int = 2000,
+        lr: float = 0.01,
+        lr_theta: float | None = None,
+        lr_final_factor: float = 0.1,
+        num_particles: int = 1,
+        warm_start: bool = True,
+        seed: int = 0,
+        device: str | torch.device = "cpu",
+        tol: float | None = None,
+        window: int = 200,
+        progress: bool = True,
+        callbacks: Sequence[Callable] = (),
+        checkpoint: str | Path | None = None,
+        checkpoint_every: int = 500,
+        elbo: str = "analytic",
+        config: dict | None = None,
+    ):
+        for name, value in (("steps", steps), ("num_particles", num_particles),
+                            ("checkpoint_every", checkpoint_every), ("window", window)):
+            if not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name, value in (("lr", lr), ("lr_final_factor", lr_final_factor)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if lr_theta is not None and not (math.isfinite(lr_theta) and lr_theta >= 0):
+            raise ValueError(f"lr_theta must be a non-negative number, got {lr_theta!r}")
+        if elbo not in ("analytic", "trace"):
+            raise ValueError(f"elbo must be 'analytic' or 'trace', got {elbo!r}")
+        self.elbo = elbo
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
+        self.model = model
+        self.guide_factory = guide
+        self.steps, self.lr = int(steps), float(lr)
+        self.lr_theta = float(lr / 10 if lr_theta is None else lr_theta)
+        self.lr_final_factor = float(lr_final_factor)
+        self.num_particles, self.warm_start, self.seed = num_particles, warm_start, int(seed)
+        self.tol, self.window, self.progress = tol, int(window), progress
+        self.callbacks = list(callbacks)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.checkpoint_every = int(checkpoint_every)
+        self.config = dict(config or {})
+        self.guide = None
+        self.loss_history: list[float] = []
+        self.step = 0
+        self.converged = False
+        self.fit_seconds = 0.0
+
+    # ------------------------------------------------------------------ helpers
+    def _make_guide(self, counts, theta_init):
+        if self.guide_factory == "lognormal":
+            return LogNormalGuide(self.model, counts, theta_init=theta_init)
+        if callable(self.guide_factory):
+            return self.guide_factory(self.model, counts, theta_init)
+        raise ValueError(f"guide must be 'lognormal' or a factory callable, got {self.guide_factory!r}")
+
+    def _elbo(self):
+        cls = AnalyticTraceELBO if self.elbo == "analytic" else Trace_ELBO
+        return cls(num_particles=self.num_particles, vectorize_particles=self.num_particles > 1)
+
+    def _optim_args(self, name: str) -> dict:
+        lr = self.lr_theta if name.startswith("theta.") else self.lr
+        return {"lr": lr, "betas": (0.9, 0.999)}
+
+    def _anneal(self, step: int) -> None:
+        progress = step / self.steps
+        for vo in self.model.virtual_observables:
+            vo.anneal(progress)
+
+    def _set_lr(self, optim, step: int) -> None:
+        _decay_lr(optim, self.lr_final_factor ** (step / self.steps))
+
+    def _save(self, optim) -> None:
+        if self.checkpoint is None:
+            return
+        save_checkpoint(self.checkpoint, step=self.step, optim=optim,
+                        loss_history=self.loss_history, config=self.config,
+                        extra={"converged": self.converged})
+
+    def _check_finite(self, loss: float) -> None:
+        bad = None
+        if not math.isfinite(loss):
+            bad = f"loss is {loss}"
+        else:
+            for name, value in pyro.get_param_store().items():
+                if not torch.isfinite(value).all():
+                    bad = f"parameter {name!r} is not finite"
+                    break
+        if bad:
+            last = (f"last good checkpoint: {self.checkpoint} (step {self._last_saved})"
+                    if self.checkpoint is not None and self._last_saved is not None
+                    else "no checkpoint was written")
+            raise NumericalError(f"training stopped at step {self.step}: {bad}; {last}")
+
+    # ------------------------------------------------------------------ training
+    def fit(self, data, resume: str | Path | None = None) -> SVIInference:
+        """Train on ``data`` (Dataset, array or tensor of counts ``(n_seq, n_times, n_bins)``).
+
+        :param resume: a checkpoint written by an earlier run with the same settings and data;
+            training continues from its step up to ``steps`` and gives the same result as an
+            uninterrupted run.
+        :returns: ``self``; see ``loss_history``, ``guide``, ``converged``.
+        """
+        counts = as_counts(data, device=self.device)
+        if counts.shape[1] < 2:
+            raise ValueError(f"training needs at least 2 snapshots per sequence, got {counts.shape[1]}")
+        self.model.to(self.device)
+        payload = load_checkpoint(resume) if resume is not None else None
+        pyro.clear_param_store()
+        pyro.set_rng_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        theta_init = self.model.init_values(gen)
+        if self.warm_start and payload is None:
+            theta_init = fit_drift_least_squares(self.model, counts, theta_init, generator=gen)
+        self.guide = self._make_guide(counts, theta_init)
+        optim = pyro.optim.Adam(self._optim_args)
+        svi = SVI(self.model, self.guide, optim, loss=self._elbo())
+        self.step, self.loss_history, self.converged = 0, [], False
+        self._last_saved = None
+        if payload is not None:
+            self._restore(payload, counts, optim)
+        scale = counts.shape[0] * counts.shape[1]
+        start = time.perf_counter()
+        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress,
+                   desc="SVI", unit="step", leave=False)
+        try:
+            while self.step < self.steps and not self.converged:
+                self._anneal(self.step)
+                loss = svi.step(counts)
+                self._set_lr(optim, self.step)
+                self.step += 1
+                self._check_finite(loss)
+                self.loss_history.append(loss)
+                bar.update(1)
+                if self.step % 50 == 0:
+                    bar.set_postfix(elbo=f"{-loss:.4g}")
+                stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
+                self.converged = stop or self._has_converged(scale)
+                if self.checkpoint is not None and (self.step % self.checkpoint_every == 0):
+                    self._save(optim)
+                    self._last_saved = self.step
+        except KeyboardInterrupt:
+            self._save(optim)
+            raise
+        finally:
+            bar.close()
+            self.fit_seconds += time.perf_counter() - start
+        self._anneal(self.steps)  # leave σ_c at its final value for prediction
+        self._save(optim)
+        self.optim = optim
+        return self
+
+    def _has_converged(self, scale: int) -> bool:
+        w = self.window
+        annealed = all(vo.sigma_start is None or self.step >= vo.anneal_fraction * self.steps
+                       for vo in self.model.virtual_observables)
+        if self.tol is None or not annealed or self.step % w or len(self.loss_history) < 2 * w:
+            return False
+        prev = np.mean(self.loss_history[-2 * w:-w])
+        last = np.mean(self.loss_history[-w:])
+        return (prev - last) / scale < self.tol
+
+    def _restore(self, payload, counts, optim) -> None:
+        config = payload["config"]
+        if self.config and config and config.get("data_shape") != self.config.get("data_shape"):
+            raise CheckpointError(
+                f"checkpoint was written for data of shape {config.get('data_shape')}, "
+                f"got {self.config.get('data_shape')}"
+            )
+        # Register every param (and its constraint) with one guide trace, then overwrite values.
+        with torch.no_grad():
+            pyro.poutine.trace(self.guide).get_trace(counts)
+        store = pyro.get_param_store()
+        missing = set(store.keys()) ^ set(payload["params"])
+        if missing:
+            raise CheckpointError(f"checkpoint parameters do not match this model/guide: "
+                                  f"{sorted(missing)[:5]}")
+        for name, value in payload["params"].items():
+            unconstrained = store._params[name]
+            if unconstrained.shape != value.shape:
+                raise CheckpointError(f"checkpoint parameter {name!r} has shape "
+                                      f"{tuple(value.shape)}, expected {tuple(unconstrained.shape)}")
+            with torch.no_grad():
+                unconstrained.copy_(value.to(unconstrained))
+        optim.set_state(payload["optim"])
+        self.step = int(payload["step"])
+        self.loss_history = list(payload["loss_history"])
+        self.converged = bool(payload.get("extra", {}).get("converged", False))
+        self._last_saved = self.step
+        set_rng_state(payload["rng"])
+
+    # ------------------------------------------------------------------ new sequences
+    def infer_states(self, data, steps: int | None = None, prefix: str = "new") -> LogNormalGuide:
+        """Fit q(X) of sequences not seen in training, with θ fixed at θ_MAP.
+
+        :param data: counts ``(n_sequences, n_times, n_bins)`` of the new sequences.
+        :returns: a :class:`LogNormalGuide` for them (its params are named ``{prefix}.*``).
+        """
+        if self.guide is None:
+            raise ValueError("infer_states needs a fitted inference: call fit() first")
+        counts = as_counts(data, device=self.device)
+        n_bins = self.model.n_bins
+        if counts.shape[-1] != n_bins:
+            raise ValueError(f"new data has {counts.shape[-1]} bins, the model was trained on {n_bins}")
+        steps = int(steps or max(500, self.steps // 2))
+        guide = LogNormalGuide(self.model, counts, theta_values=self.guide.theta_map(), prefix=prefix)
+        store = pyro.get_param_store()
+        for key in (f"{prefix}.X_loc", f"{prefix}.X_scale"):
+            if key in store:
+                del store[key]
+        optim = pyro.optim.Adam({"lr": self.lr, "betas": (0.9, 0.999)})
+        svi = SVI(self.model, guide, optim, loss=self._elbo())
+        for step in range(steps):
+            for vo in self.model.virtual_observables:
+                vo.anneal(step / steps)
+            loss = svi.step(counts)
+            _decay_lr(optim, self.lr_final_factor ** (step / steps))
+            if not math.isfinite(loss):
+                raise NumericalError(f"inferring new sequences: loss is {loss} at step {step}")
+        for vo in self.model.virtual_observables:
+            vo.anneal(1.0)
+        return guide

@@ -1,0 +1,205 @@
+"""The CG state-space model of the paper (sections 2.1-2.6) as a Pyro model."""
+
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from .distributions import MarkovChain
+from .emissions import Emission, MultinomialEmission
+from .transitions import GaussianTransition
+from .virtual import VirtualObservable
+
+__all__ = ["CGModel"]
+
+
+class CGModel(PyroModule):
+    r"""Generative model ``p(x̂_{0:T}, ĉ_{0:T}, X_{0:T}, θ)`` for ``n`` sequences (eq. 9-13).
+
+    - ``θ ~ p(θ)``: every parameter site declared by the transition (θ_NN, σ_r), the emission
+      (θ_cf) and learnable virtual observables (σ_c); names in :meth:`priors`. Values in
+      ``fixed`` replace their site (footnote 1 of the paper).
+    - ``X_0 ~ LogNormal(log(1/n_bins), x0_scale)`` per bin, then ``X_{t+1} ~ p(X_{t+1} | X_t)``.
+    - ``m_t ~ p_cf(m_t | X_t)`` (site ``counts``), the FG data through its bin counts.
+    - ``0 ~ N(c(X_t), σ_c²)`` for every virtual observable (site ``vo.{name}``).
+
+    Sites live in ``pyro.plate("sequences", dim=-1)``. With ``vectorized=True`` the states form
+    one site ``X`` of event shape ``(n_times, n_bins)`` (a :class:`MarkovChain`) and the data one
+    site ``counts`` of event ``(n_times, n_bins)``; with ``vectorized=False`` a ``pyro.markov``
+    loop has sites ``X_{t}``, ``counts_{t}``, ``vo.{name}_{t}`` of event ``(n_bins,)``. Both give
+    the same joint density. ``forecast=P`` appends ``X_forecast`` and ``counts_forecast`` of
+    event ``(P, n_bins)`` (Algorithm 1).
+    """
+
+    def __init__(
+        self,
+        n_bins: int,
+        transition: GaussianTransition,
+        emission: Emission | None = None,
+        virtual_observables: tuple[VirtualObservable, ...] | list = (),
+        x0_scale: float = 1.0,
+        fixed: dict[str, torch.Tensor] | None = None,
+        vectorized: bool = True,
+    ):
+        super().__init__()
+        if n_bins < 2:
+            raise ValueError(f"n_bins must be >= 2, got {n_bins}")
+        self.n_bins = int(n_bins)
+        self.transition = transition
+        self.emission = emission if emission is not None else MultinomialEmission()
+        self.virtual_observables = torch.nn.ModuleList(virtual_observables)
+        self.x0_scale = float(x0_scale)
+        self.vectorized = bool(vectorized)
+        self.fixed = {}
+        for name, value in (fixed or {}).items():
+            self.fix(name, value)
+
+    # ----------------------------------------------------------------- parameters θ
+    def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
+        """Priors of all parameter sites θ, by site name (fixed ones included)."""
+        priors = {f"transition.{k}": v for k, v in self.transition.priors(dtype, device).items()}
+        priors.update({f"emission.{k}": v for k, v in self.emission.priors(dtype, device).items()})
+        for vo in self.virtual_observables:
+            if vo.learn:
+                priors[f"vo.{vo.name}.sigma"] = dist.HalfCauchy(
+                    torch.tensor(1.0, dtype=dtype, device=device)
+                )
+        return priors
+
+    def init_values(self, generator=None, dtype=torch.float64) -> dict[str, torch.Tensor]:
+        """Default initial values of θ (random network weights), by site name."""
+        values = {
+            f"transition.{k}": v for k, v in self.transition.init_values(generator, dtype).items()
+        }
+        values.update(
+            {f"emission.{k}": v for k, v in self.emission.init_values(generator, dtype).items()}
+        )
+        for vo in self.virtual_observables:
+            if vo.learn:
+                values[f"vo.{vo.name}.sigma"] = torch.tensor(vo.sigma_final, dtype=dtype)
+        return values
+
+    def fix(self, name: str, value) -> None:
+        """Fix parameter ``name`` to ``value``: its site is removed from the model."""
+        if name not in self.priors():
+            raise ValueError(f"cannot fix {name!r}: not a parameter site of this model; "
+                             f"sites are {sorted(self.priors())}")
+        self.fixed[name] = torch.as_tensor(value, dtype=torch.float64)
+
+    def sample_theta(self, dtype=torch.float64, device=None) -> dict[str, torch.Tensor]:
+        theta = {}
+        for name, prior in self.priors(dtype, device).items():
+            if name in self.fixed:
+                theta[name] = self.fixed[name].to(dtype=dtype, device=device)
+            else:
+                theta[name] = pyro.sample(name, prior)
+        return theta
+
+    # ----------------------------------------------------------------- densities
+    def initial(self, batch_shape, dtype=torch.float64, device=None) -> dist.Distribution:
+        """``p(X_0)``, event ``(n_bins,)``."""
+        loc = torch.full((self.n_bins,), -math.log(self.n_bins), dtype=dtype, device=device)
+        return dist.LogNormal(loc, self.x0_scale).to_event(1).expand(batch_shape)
+
+    def transition_mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``E[X_{t+1} | X_t = x]`` for θ by full site name; ``x`` is ``(..., n_bins)``."""
+        return self.transition.mean(x, self._part(theta, "transition."))
+
+    def _part(self, theta, prefix):
+        return {k[len(prefix):]: v for k, v in theta.items() if k.startswith(prefix)}
+
+    def _vo_factors(self, x, theta, event_dim, suffix=""):
+        for vo in self.virtual_observables:
+            sigma = theta.get(f"vo.{vo.name}.sigma", vo.sigma).to(x)
+            c = vo(x)
+            fn = dist.Normal(c, sigma).to_event(event_dim)
+            infer = {}
+            if vo.affine is not None:  # closed form for AnalyticTraceELBO
+                infer["expected_log_prob"] = (
+                    lambda loc, scale, vo=vo, sigma=sigma:
+                    vo.expected_log_prob(sigma, loc, scale, event_dim)
+                )
+            pyro.sample(f"vo.{vo.name}{suffix}", fn, obs=torch.zeros_like(c), infer=infer)
+
+    # ----------------------------------------------------------------- the model
+    def forward(
+        self,
+        counts: torch.Tensor | None = None,
+        totals: torch.Tensor | None = None,
+        n_times: int | None = None,
+        forecast: int = 0,
+        subsample_size: int | None = None,
+        resample_observed: bool = False,
+    ):
+        """Run the generative model.
+
+        :param counts: observed bin counts ``(n_sequences, n_times, n_bins)`` (float tensor), or
+            ``None`` to sample from the prior (then ``totals`` and ``n_times`` are required).
+        :param totals: particles per sequence ``(n_sequences,)``; default ``counts[:, 0].sum(-1)``.
+        :param forecast: number of coarse steps ``P`` to roll past the last snapshot.
+        :param subsample_size: mini-batch size over sequences (``None``: all).
+        :param resample_observed: sample the ``counts`` sites from p_cf even where observed
+            (posterior predictive reconstruction of the FG bin counts).
+        :returns: the states ``X`` of shape ``(n_sequences, n_times + P, n_bins)``.
+        """
+        if counts is not None:
+            dtype, device = counts.dtype, counts.device
+            n_seq, n_times, n_bins = counts.shape
+            if n_bins != self.n_bins:
+                raise ValueError(f"counts has {n_bins} bins, the model has {self.n_bins}")
+            if totals is None:
+                totals = counts[:, 0].sum(-1)
+        else:
+            if totals is None or n_times is None:
+                raise ValueError("without counts, pass totals (n_sequences,) and n_times")
+            dtype, device = totals.dtype, totals.device
+            n_seq = totals.shape[0]
+        theta = self.sample_theta(dtype, device)
+        trans_theta = self._part(theta, "transition.")
+        emis_theta = self._part(theta, "emission.")
+
+        def step(x):
+            return self.transition(x, trans_theta)
+
+        with pyro.plate("sequences", n_seq, subsample_size=subsample_size, dim=-1) as idx:
+            obs = None
+            if counts is not None and not resample_observed:
+                obs = counts[idx]
+            n_tot = totals[idx]
+            if self.vectorized:
+                x0 = self.initial(idx.shape, dtype, device)
+                X = pyro.sample("X", MarkovChain(step, n_times, init=x0))
+                infer = {}
+                if obs is not None and hasattr(self.emission, "expected_log_prob"):
+                    infer["expected_log_prob"] = (  # closed form for AnalyticTraceELBO
+                        lambda loc, scale: self.emission.expected_log_prob(obs, loc, scale).sum(-1)
+                    )
+                pyro.sample(
+                    "counts", self.emission(X, n_tot.unsqueeze(-1), emis_theta).to_event(1),
+                    obs=obs, infer=infer,
+                )
+                self._vo_factors(X, theta, event_dim=2)
+            else:
+                states, prev = [], None
+                for t in pyro.markov(range(n_times)):
+                    fn = self.initial(idx.shape, dtype, device) if t == 0 else step(prev)
+                    prev = pyro.sample(f"X_{t}", fn)
+                    pyro.sample(
+                        f"counts_{t}", self.emission(prev, n_tot, emis_theta),
+                        obs=None if obs is None else obs[..., t, :],
+                    )
+                    self._vo_factors(prev, theta, event_dim=1, suffix=f"_{t}")
+                    states.append(prev)
+                X = torch.stack(states, -2)
+            if forecast:
+                Xf = pyro.sample("X_forecast", MarkovChain(step, forecast, start=X[..., -1, :]))
+                pyro.sample(
+                    "counts_forecast",
+                    self.emission(Xf, n_tot.unsqueeze(-1), emis_theta).to_event(1),
+                )
+                X = torch.cat([X, Xf], -2)
+        return X

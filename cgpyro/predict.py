@@ -1,0 +1,143 @@
+"""Forecasts with uncertainty (Algorithm 1) through ``pyro.infer.Predictive``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer import Predictive
+
+from .inference import as_counts
+
+__all__ = ["Forecast", "forecast", "sample_positions"]
+
+
+@dataclass
+class Forecast:
+    """Posterior-predictive summaries over ``n_times + horizon`` steps.
+
+    Arrays (numpy, float64), axes ``(sequence, time, bin)``:
+
+    - ``mean``: posterior (predictive) mean of the CG state ``X``;
+    - ``lower``, ``upper``: 2.5 % / 97.5 % quantiles of the reconstructed FG bin fractions
+      ``m / N`` sampled from p_cf (Algorithm 1, step 5);
+    - ``mass``: ``(sequence, time)`` posterior mean of ``Σ_j X_j``;
+    - ``samples_x``, ``samples_fractions``: ``(sample, sequence, time, bin)`` draws, kept when
+      ``keep_samples=True``.
+    ``n_observed`` is the number of inferred (observed) steps; later steps are predicted.
+    """
+
+    mean: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    mass: np.ndarray
+    n_observed: int
+    totals: np.ndarray
+    samples_x: np.ndarray | None = None
+    samples_fractions: np.ndarray | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def horizon(self) -> int:
+        return self.mean.shape[1] - self.n_observed
+
+    def to_npz_dict(self) -> dict[str, np.ndarray]:
+        """The arrays of ``pred.npz`` (design contract)."""
+        return {"mean": self.mean, "lower": self.lower, "upper": self.upper, "mass": self.mass}
+
+
+@torch.no_grad()
+def forecast(
+    model,
+    guide,
+    data,
+    horizon: int,
+    num_samples: int = 200,
+    seed: int = 0,
+    keep_samples: bool = False,
+) -> Forecast:
+    """Sample ``q(X_{0:T})``, roll the CG law ``horizon`` steps, and sample p_cf (Algorithm 1).
+
+    :param model: a fitted :class:`~cgpyro.model.CGModel`.
+    :param guide: the guide fitted to ``data``'s sequences (see
+        :meth:`~cgpyro.inference.SVIInference.infer_states` for new sequences).
+    :param data: counts ``(n_sequences, n_times, n_bins)`` (Dataset, array or tensor).
+    :param horizon: coarse steps to forecast past the last snapshot (``>= 0``).
+    :param num_samples: posterior samples.
+    """
+    if not isinstance(horizon, int | np.integer) or horizon < 0:
+        raise ValueError(f"horizon must be a non-negative integer, got {horizon!r}")
+    if not isinstance(num_samples, int | np.integer) or num_samples < 2:
+        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    device = next((p.device for p in [getattr(guide, "init_loc", None)] if p is not None), None)
+    counts = as_counts(data, device=device)
+    totals = counts[:, 0].sum(-1)
+    pyro.set_rng_seed(seed)
+    predictive = Predictive(model, guide=guide, num_samples=num_samples, parallel=True,
+                            return_sites=_return_sites(model, counts.shape[1], horizon))
+    out = predictive(counts, forecast=int(horizon), resample_observed=True)
+    x, m = _collect(model, out, counts.shape[1], horizon)
+    frac = m / totals[:, None, None]
+    q = torch.quantile(frac, torch.tensor([0.025, 0.975], dtype=frac.dtype, device=frac.device),
+                       dim=0)
+    result = Forecast(
+        mean=x.mean(0).cpu().numpy(),
+        lower=q[0].cpu().numpy(),
+        upper=q[1].cpu().numpy(),
+        mass=x.sum(-1).mean(0).cpu().numpy(),
+        n_observed=counts.shape[1],
+        totals=totals.cpu().numpy(),
+    )
+    if keep_samples:
+        result.samples_x = x.cpu().numpy()
+        result.samples_fractions = frac.cpu().numpy()
+    return result
+
+
+def _return_sites(model, n_times, horizon):
+    if model.vectorized:
+        sites = ["X", "counts"]
+    else:
+        sites = [f"{s}_{t}" for t in range(n_times) for s in ("X", "counts")]
+    if horizon:
+        sites += ["X_forecast", "counts_forecast"]
+    return sites
+
+
+def _collect(model, out, n_times, horizon):
+    """States and counts ``(sample, sequence, time, bin)`` from Predictive's output."""
+    def squeeze(v):  # Predictive adds a singleton plate axis before the sequence axis
+        return v.reshape(v.shape[0], *v.shape[-3:]) if v.dim() > 4 else v
+
+    if model.vectorized:
+        x, m = squeeze(out["X"]), squeeze(out["counts"])
+    else:
+        x = torch.stack([out[f"X_{t}"].reshape(out[f"X_{t}"].shape[0], -1, model.n_bins)
+                         for t in range(n_times)], -2)
+        m = torch.stack([out[f"counts_{t}"].reshape(x.shape[0], -1, model.n_bins)
+                         for t in range(n_times)], -2)
+    if horizon:
+        x = torch.cat([x, squeeze(out["X_forecast"])], -2)
+        m = torch.cat([m, squeeze(out["counts_forecast"])], -2)
+    return x, m
+
+
+def sample_positions(counts, bin_edges, seed: int = 0) -> np.ndarray:
+    """FG particle positions given bin counts, uniform within each bin (as p_cf implies).
+
+    :param counts: integer counts ``(n_bins,)`` of one FG state (e.g. a p_cf sample).
+    :param bin_edges: ``(n_bins + 1,)``.
+    :returns: positions ``(Σ counts,)``, sorted by bin.
+    """
+    counts = np.asarray(counts)
+    edges = np.asarray(bin_edges, dtype=np.float64)
+    if counts.ndim != 1 or edges.shape != (counts.shape[0] + 1,):
+        raise ValueError(f"counts must be (n_bins,) and bin_edges (n_bins + 1,); got "
+                         f"{counts.shape} and {edges.shape}")
+    rng = np.random.default_rng(seed)
+    counts = np.rint(counts).astype(np.int64)
+    left = np.repeat(edges[:-1], counts)
+    width = np.repeat(np.diff(edges), counts)
+    return left + width * rng.random(left.shape[0])

@@ -1,0 +1,17 @@
+"""Shared fixtures: every test starts from fixed seeds and an empty Pyro parameter store."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seeded_and_clean():
+    np.random.seed(0)
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    yield
+    pyro.clear_param_store()
