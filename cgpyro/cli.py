@@ -148,6 +148,186 @@ register(Command("simulate", "simulate the reference FG system and write CG bin 
                  _configure_simulate, _run_simulate))
 
 
+# -- train / predict / reproduce -------------------------------------------------------------
+RUN_FILES = ("config.json", "model.toml", "guide.toml", "train.npz", "checkpoint.pt")
+
+
+def _configure_train(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="training dataset (.npz or .nc)")
+    parser.add_argument("--model", default="particles_best",
+                        help="model spec: a name in models/ or a .toml path (default: particles_best)")
+    parser.add_argument("--guide", default="lognormal",
+                        help="guide spec: a name in guides/ or a .toml path (default: lognormal)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="total SVI steps (default: the guide spec's)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", type=Path, help="new run directory")
+    where.add_argument("--resume", type=Path, help="continue the run in this directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _writable_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"directory {path} is not writable")
+    return path
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import json
+    import shutil
+
+    from cgpyro import data as cgdata
+    from cgpyro.inference import SVIInference
+    from cgpyro.specs import load_guide, load_model, spec_path
+
+    dataset = cgdata.load(args.data)
+    if args.resume is not None:
+        run = args.resume
+        missing = [f for f in RUN_FILES if not (run / f).is_file()]
+        if missing:
+            raise ValueError(f"--resume {run}: not a run directory (missing {', '.join(missing)})")
+        config = json.loads((run / "config.json").read_text())
+        if list(dataset.counts.shape) != config["data_shape"]:
+            raise ValueError(f"--resume {run}: the run was trained on data of shape "
+                             f"{tuple(config['data_shape'])}, --data has {dataset.counts.shape}")
+        steps = args.steps or config["steps"]
+        seed, device = config["seed"], args.device or config["device"]
+        model_path, guide_path = run / "model.toml", run / "guide.toml"
+    else:
+        run = _writable_dir(args.out)
+        model_path, guide_path = spec_path(args.model, "models"), spec_path(args.guide, "guides")
+        seed, device = args.seed, args.device
+        steps = None
+    model = load_model(model_path, n_bins=dataset.n_bins)
+    guide_spec = load_guide(guide_path)
+    svi = dict(guide_spec.svi)
+    steps = steps or args.steps or svi.get("steps", 2000)
+    svi["steps"] = steps
+    config = {"data_shape": list(dataset.counts.shape), "steps": steps, "seed": seed,
+              "device": device, "dt": dataset.dt, "bin_edges": dataset.bin_edges.tolist(),
+              "model_spec": model_path.name, "guide_spec": guide_path.name}
+    if args.resume is None:
+        shutil.copyfile(model_path, run / "model.toml")
+        shutil.copyfile(guide_path, run / "guide.toml")
+        cgdata.save(dataset, run / "train.npz")
+        (run / "config.json").write_text(json.dumps(config, indent=2))
+    inference = SVIInference(model, guide=guide_spec.factory, seed=seed, device=device,
+                             checkpoint=run / "checkpoint.pt", config=config,
+                             progress=not args.quiet, **svi)
+    resume = run / "checkpoint.pt" if args.resume is not None else None
+    inference.fit(dataset, resume=resume)
+    (run / "config.json").write_text(json.dumps(config, indent=2))
+    print(f"trained {inference.step} steps in {inference.fit_seconds:.1f} s; "
+          f"final loss {inference.loss_history[-1]:.6g}; run saved in {run}")
+    return EXIT_OK
+
+
+def load_run(run: Path, device: str = "cpu"):
+    """``(model, inference, train_dataset, config)`` of a run directory, trained state restored."""
+    import json
+
+    from cgpyro import data as cgdata
+    from cgpyro.inference import SVIInference
+    from cgpyro.specs import load_guide, load_model
+
+    missing = [f for f in RUN_FILES if not (run / f).is_file()]
+    if missing:
+        raise ValueError(f"--run {run}: not a run directory (missing {', '.join(missing)})")
+    config = json.loads((run / "config.json").read_text())
+    train = cgdata.load(run / "train.npz")
+    model = load_model(run / "model.toml", n_bins=train.n_bins)
+    guide_spec = load_guide(run / "guide.toml")
+    svi = {**guide_spec.svi, "steps": config["steps"]}
+    inference = SVIInference(model, guide=guide_spec.factory, seed=config["seed"], device=device,
+                             progress=False, config=config, **svi)
+    inference.load(train, run / "checkpoint.pt")
+    return model, inference, train, config
+
+
+def _configure_predict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run", type=Path, required=True, help="run directory from `train`")
+    parser.add_argument("--data", type=Path, required=True, help="observed sequences (.npz/.nc)")
+    parser.add_argument("--horizon", type=positive_int, required=True,
+                        help="coarse steps to forecast past the last snapshot")
+    parser.add_argument("--samples", type=positive_int, default=200,
+                        help="posterior samples (default: 200)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=output_file((".npz",)), required=True, help="pred.npz")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cgpyro.checkpoint import atomic_write
+    from cgpyro.data import load
+    from cgpyro.predict import forecast
+    from cgpyro.guides import guide_for_new_sequences
+
+    if args.samples < 2:
+        raise UsageError("predict: argument --samples: expected at least 2")
+    model, inference, train, _ = load_run(args.run, args.device)
+    dataset = load(args.data)
+    if dataset.n_bins != train.n_bins:
+        raise ValueError(f"--data has {dataset.n_bins} bins, the run was trained on "
+                         f"{train.n_bins}")
+    same = dataset.counts.shape == train.counts.shape and np.array_equal(dataset.counts,
+                                                                          train.counts)
+    guide = inference.guide if same else guide_for_new_sequences(inference, dataset.counts)
+    result = forecast(model, guide, dataset.counts, args.horizon, num_samples=args.samples,
+                      seed=args.seed)
+    arrays = result.to_npz_dict()
+    if not all(np.isfinite(v).all() for v in arrays.values()):
+        raise ValueError("the forecast is not finite; the run may be diverged")
+
+    def write(tmp):
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(args.out, write)
+    print(f"wrote {args.out}: {dataset.n_sequences} sequences x "
+          f"{dataset.n_times + args.horizon} steps x {dataset.n_bins} bins")
+    return EXIT_OK
+
+
+def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("report"), help="report directory")
+    parser.add_argument("--model", default="particles_best", help="model spec")
+    parser.add_argument("--guide", default="lognormal", help="guide spec")
+    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--particles", type=positive_int, default=250_000)
+    parser.add_argument("--steps", type=positive_int, default=None, help="SVI steps")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    import json
+
+    from cgpyro.experiment import run_paper_experiment, write_report
+
+    out = _writable_dir(args.out)
+    result = run_paper_experiment(args.model, args.guide, seed=args.seed,
+                                  n_particles=args.particles, steps=args.steps,
+                                  device=args.device, progress=not args.quiet)
+    paths = write_report(result, out)
+    print(json.dumps(result.metrics, indent=1))
+    print(f"wrote {len(paths)} files to {out}")
+    return EXIT_OK
+
+
+register(Command("train", "fit the CG model to a dataset by SVI", _configure_train, _run_train))
+register(Command("predict", "infer CG states and forecast with uncertainty",
+                 _configure_predict, _run_predict))
+register(Command("reproduce", "the seed's experiment end to end: figures and metrics",
+                 _configure_reproduce, _run_reproduce))
+
+
 # -- entry point -----------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from cgpyro import __version__
@@ -189,7 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:
         print("cgpyro: error: out of memory; try fewer sequences or particles", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, OSError) as exc:  # DataError is a ValueError; OSError covers
+    except (ValueError, OSError, RuntimeError) as exc:  # RuntimeError: NumericalError  # DataError is a ValueError; OSError covers
         # FileNotFoundError, PermissionError, IsADirectoryError
         print(f"cgpyro: error: {_describe(exc)}", file=sys.stderr)
         return EXIT_ERROR

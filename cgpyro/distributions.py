@@ -65,7 +65,7 @@ class BinCounts(TorchDistribution):
     def mean(self) -> torch.Tensor:
         return self.total_count.unsqueeze(-1) * self.x / self.x.sum(-1, keepdim=True)
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:  # noqa: B008
         shape = self._extended_shape(sample_shape)
         with torch.no_grad():
             # float64 keeps counts up to 2**53 exact (the float32 grid is 64 particles wide at 1e9).
@@ -134,13 +134,16 @@ class MarkovChain(TorchDistribution):
             prev, nxt = value[..., :-1, :], value[..., 1:, :]
         else:
             lp = 0.0
-            prev = torch.cat([self.start.unsqueeze(-2).expand_as(value[..., :1, :]), value[..., :-1, :]], -2)
+            start = self.start.unsqueeze(-2).expand_as(value[..., :1, :])
+            prev = torch.cat([start, value[..., :-1, :]], -2)
             nxt = value
         if nxt.shape[-2] > 0:
-            lp = lp + self.step(prev).log_prob(nxt).sum(-1)
+            # Time leads, so batch axes of θ (particles, Predictive samples) stay aligned
+            # with the batch axes of the states when ``step`` broadcasts them.
+            lp = lp + self.step(prev.movedim(-2, 0)).log_prob(nxt.movedim(-2, 0)).sum(0)
         return lp
 
-    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:  # noqa: B008
         with torch.no_grad():
             x = self.init.sample(sample_shape) if self.init is not None else None
             states = [] if x is None else [x]

@@ -273,11 +273,44 @@ class SVIInference:
             uninterrupted run.
         :returns: ``self``; see ``loss_history``, ``guide``, ``converged``.
         """
+        counts, optim, svi = self._setup(data, load_checkpoint(resume) if resume else None)
+        scale = counts.shape[0] * counts.shape[1]
+        start = time.perf_counter()
+        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress,
+                   desc="SVI", unit="step", leave=False)
+        try:
+            while self.step < self.steps and not self.converged:
+                self._anneal(self.step)
+                loss = svi.step(counts)
+                self._set_lr(optim, self.step)
+                self.step += 1
+                stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
+                self._check_finite(loss)
+                self.loss_history.append(loss)
+                bar.update(1)
+                if self.step % 50 == 0:
+                    bar.set_postfix(elbo=f"{-loss:.4g}")
+                self.converged = stop or self._has_converged(scale)
+                if self.checkpoint is not None and (self.step % self.checkpoint_every == 0):
+                    self._save(optim)
+                    self._last_saved = self.step
+        except KeyboardInterrupt:
+            self._save(optim)
+            raise
+        finally:
+            bar.close()
+            self.fit_seconds += time.perf_counter() - start
+        self._anneal(self.steps)  # leave σ_c at its final value for prediction
+        self._save(optim)
+        return self
+
+    def _setup(self, data, payload):
         counts = as_counts(data, device=self.device)
         if counts.shape[1] < 2:
-            raise ValueError(f"training needs at least 2 snapshots per sequence, got {counts.shape[1]}")
+            raise ValueError(
+                f"training needs at least 2 snapshots per sequence, got {counts.shape[1]}"
+            )
         self.model.to(self.device)
-        payload = load_checkpoint(resume) if resume is not None else None
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
@@ -291,35 +324,17 @@ class SVIInference:
         self._last_saved = None
         if payload is not None:
             self._restore(payload, counts, optim)
-        scale = counts.shape[0] * counts.shape[1]
-        start = time.perf_counter()
-        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress,
-                   desc="SVI", unit="step", leave=False)
-        try:
-            while self.step < self.steps and not self.converged:
-                self._anneal(self.step)
-                loss = svi.step(counts)
-                self._set_lr(optim, self.step)
-                self.step += 1
-                self._check_finite(loss)
-                self.loss_history.append(loss)
-                bar.update(1)
-                if self.step % 50 == 0:
-                    bar.set_postfix(elbo=f"{-loss:.4g}")
-                stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
-                self.converged = stop or self._has_converged(scale)
-                if self.checkpoint is not None and (self.step % self.checkpoint_every == 0):
-                    self._save(optim)
-                    self._last_saved = self.step
-        except KeyboardInterrupt:
-            self._save(optim)
-            raise
-        finally:
-            bar.close()
-            self.fit_seconds += time.perf_counter() - start
-        self._anneal(self.steps)  # leave σ_c at its final value for prediction
-        self._save(optim)
         self.optim = optim
+        return counts, optim, svi
+
+    def load(self, data, checkpoint) -> SVIInference:
+        """Restore a trained state from ``checkpoint`` (written by :meth:`fit` on ``data``).
+
+        No training happens; ``guide``, ``loss_history`` and ``step`` are as saved.
+        """
+        self._setup(data, load_checkpoint(checkpoint))
+        for vo in self.model.virtual_observables:
+            vo.anneal(1.0)
         return self
 
     def _has_converged(self, scale: int) -> bool:

@@ -204,6 +204,5 @@ class GaussianTransition(nn.Module):
         if self.noise == "full":
             scale_tril = sigma[..., None, None] * theta["noise_tril"]
             return dist.MultivariateNormal(mean, scale_tril=scale_tril)
-        if sigma.dim() > 0:  # batched MAP values (Predictive): align with x's batch axes
-            sigma = sigma.reshape(sigma.shape + (1,) * (x.dim() - sigma.dim()))
-        return dist.Normal(mean, sigma).to_event(1)
+        # batched θ (particles, Predictive samples) carries x's batch axes: add the bin axis
+        return dist.Normal(mean, sigma.unsqueeze(-1)).to_event(1)

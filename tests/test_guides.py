@@ -1,0 +1,224 @@
+"""Guides: the paper's lognormal, the amortized network, and the Pyro autoguide route."""
+
+import math
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from cgpyro.elbo import AnalyticTraceELBO
+from cgpyro.guides import (
+    AmortizedGuide,
+    CGAutoGuide,
+    LogNormalGuide,
+    auto_guide,
+    guide_for_new_sequences,
+    init_states_from_counts,
+    theta_map,
+)
+from cgpyro.inference import SVIInference, as_counts
+from cgpyro.model import CGModel
+from cgpyro.predict import forecast
+from cgpyro.systems import simulate_dataset
+from cgpyro.transitions import Drift, GaussianTransition
+from cgpyro.virtual import VirtualObservable, mass_conservation
+
+N_BINS = 5
+
+
+@pytest.fixture(scope="module")
+def data():
+    dataset, _ = simulate_dataset(n_sequences=3, n_steps=3, n_particles=2000, n_bins=N_BINS,
+                                  seed=0)
+    return dataset
+
+
+@pytest.fixture(scope="module")
+def new_data():
+    dataset, _ = simulate_dataset(n_sequences=2, n_steps=5, n_particles=3000, n_bins=N_BINS,
+                                  seed=1)
+    return dataset
+
+
+def make_model(vectorized=True, fixed=None):
+    drift = Drift(N_BINS, hidden=(8, 8))
+    vo = VirtualObservable("mass", mass_conservation, sigma_start=1e-2)
+    return CGModel(N_BINS, GaussianTransition(drift), virtual_observables=[vo],
+                   vectorized=vectorized, fixed=fixed)
+
+
+def amortized(model, counts, theta_init=None):
+    return AmortizedGuide(model, counts, theta_init, hidden=16, window=1)
+
+
+def svi_steps(model, guide, counts, steps=2, elbo=None, lr=0.01):
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), loss=elbo or Trace_ELBO())
+    return [svi.step(counts) for _ in range(steps)]
+
+
+# --------------------------------------------------------------------------- LogNormalGuide
+@pytest.mark.parametrize("n_seq", [1, 3])
+def test_lognormal_guide_param_shapes(data, n_seq):
+    model = make_model()
+    counts = as_counts(data)[:n_seq]
+    guide = LogNormalGuide(model, counts)
+    svi_steps(model, guide, counts, steps=1)
+    loc, scale = guide.states()
+    assert loc.shape == scale.shape == (n_seq, 4, N_BINS)
+    store = pyro.get_param_store()
+    assert store["q.X_loc"].shape == (n_seq, 4, N_BINS)
+    assert store["theta.transition.drift.mlp.0.weight"].shape == (8, N_BINS)
+
+
+# --------------------------------------------------------------------------- amortized guide
+def test_amortized_guide_starts_at_the_empirical_lognormal(data):
+    counts = as_counts(data)
+    guide = amortized(make_model(), counts)
+    loc, scale = guide.states()
+    loc0, scale0 = init_states_from_counts(counts)
+    assert loc.shape == scale.shape == (3, 4, N_BINS)
+    torch.testing.assert_close(loc, loc0)
+    torch.testing.assert_close(scale, scale0)
+    # (2w + 1) windows of log fractions, 2w padding flags, log N
+    assert guide.features(counts).shape == (3, 4, 3 * N_BINS + 2 + 1)
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO, AnalyticTraceELBO])
+def test_amortized_guide_trains_and_gradients_reach_the_network(data, elbo):
+    model = make_model()
+    counts = as_counts(data)
+    guide = amortized(model, counts)
+    before = {k: v.detach().clone() for k, v in guide.net.named_parameters()}
+    losses = svi_steps(model, guide, counts, steps=3, elbo=elbo())
+    assert all(math.isfinite(v) for v in losses)
+    store = pyro.get_param_store()
+    net_params = [k for k in store.keys() if k.startswith("amortized$$$")]
+    assert len(net_params) == len(before)
+    for name, value in guide.net.named_parameters():
+        assert not torch.equal(value.detach(), before[name]), f"{name} did not move"
+    assert "theta.transition.sigma_r" in store
+
+
+def test_amortized_guide_markov_model(data):
+    model = make_model(vectorized=False)
+    counts = as_counts(data)
+    guide = amortized(model, counts)
+    trace = pyro.poutine.trace(guide).get_trace(counts)
+    assert trace.nodes["X_0"]["value"].shape == (3, N_BINS)
+    assert "X" not in trace.nodes
+    losses = svi_steps(model, guide, counts, steps=2)
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_amortized_guide_predicts_new_sequences_without_refit(data, new_data):
+    model = make_model()
+    inference = SVIInference(model, guide=amortized, steps=3, progress=False).fit(data)
+    guide = inference.guide
+    store = pyro.get_param_store()
+    names = set(store.keys())
+    values = {k: store[k].detach().clone() for k in names}
+
+    assert guide_for_new_sequences(inference, new_data.counts) is guide
+    loc, scale = guide.states(as_counts(new_data))
+    assert loc.shape == scale.shape == (2, 6, N_BINS)
+    pred = forecast(model, guide, new_data, horizon=3, num_samples=8)
+    assert pred.mean.shape == (2, 6 + 3, N_BINS)
+    assert pred.mass.shape == (2, 9)
+    # nothing was fitted: same params, same values
+    assert set(store.keys()) == names
+    for k in names:
+        torch.testing.assert_close(store[k], values[k])
+
+
+def test_amortized_guide_refuses_wrong_bins(data):
+    guide = amortized(make_model(), as_counts(data))
+    with pytest.raises(ValueError, match=r"counts must be \(n_sequences, n_times, 5\)"):
+        guide.states(torch.ones(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="window"):
+        AmortizedGuide(make_model(), as_counts(data), window=-1)
+
+
+# --------------------------------------------------------------------------- autoguides
+@pytest.mark.parametrize("kind", ["normal", "lowrank"])
+def test_auto_guide_trains(data, kind):
+    model = make_model(fixed={"transition.sigma_r": 1e-3})
+    inference = SVIInference(model, guide=lambda m, c, t: auto_guide(m, c, t, kind=kind, rank=2),
+                             steps=3, elbo="trace", progress=False).fit(data)
+    guide = inference.guide
+    assert isinstance(guide, CGAutoGuide)
+    assert all(math.isfinite(v) for v in inference.loss_history)
+    theta = theta_map(guide)
+    assert set(theta) == set(model.priors())
+    assert theta["transition.sigma_r"].item() == pytest.approx(1e-3)
+    assert theta["transition.drift.mlp.0.weight"].shape == (8, N_BINS)
+    # θ params carry the names of LogNormalGuide's, so lr_theta applies to them
+    store = pyro.get_param_store()
+    assert "theta.transition.drift.mlp.0.weight" in store
+    assert "theta.transition.sigma_r" not in store  # fixed
+    loc, scale = guide.states()
+    assert loc.shape == scale.shape == (3, 4, N_BINS)
+    assert (scale > 0).all()
+    pred = forecast(model, guide, data, horizon=2, num_samples=8)
+    assert pred.mean.shape == (3, 6, N_BINS)
+
+
+def test_auto_guide_starts_from_the_counts(data):
+    model = make_model()
+    counts = as_counts(data)
+    guide = auto_guide(model, counts)
+    with pytest.raises(ValueError, match="train it"):
+        guide.theta_map()
+    pyro.poutine.trace(guide).get_trace(counts)
+    loc, scale = guide.states()
+    loc0, scale0 = init_states_from_counts(counts)
+    torch.testing.assert_close(loc, loc0)
+    torch.testing.assert_close(scale, scale0)
+
+
+def test_auto_guide_needs_the_vectorized_model(data):
+    with pytest.raises(ValueError, match="vectorized"):
+        auto_guide(make_model(vectorized=False), as_counts(data))
+    with pytest.raises(ValueError, match="kind"):
+        auto_guide(make_model(), as_counts(data), kind="flow")
+
+
+def test_new_sequences_after_an_autoguide_are_fitted_with_theta_map(data, new_data):
+    model = make_model()
+    inference = SVIInference(model, guide=auto_guide, steps=2, elbo="trace",
+                             progress=False).fit(data)
+    guide = guide_for_new_sequences(inference, new_data.counts, steps=2)
+    assert isinstance(guide, LogNormalGuide)
+    for name, value in inference.guide.theta_map().items():
+        torch.testing.assert_close(guide.theta_map()[name], value)
+    assert guide.states()[0].shape == (2, 6, N_BINS)
+
+
+def test_theta_map_helper_for_every_guide_kind(data):
+    model = make_model()
+    counts = as_counts(data)
+    for factory in (LogNormalGuide, amortized, auto_guide):
+        pyro.clear_param_store()
+        guide = factory(model, counts)
+        pyro.poutine.trace(guide).get_trace(counts)
+        theta = theta_map(guide)
+        assert set(theta) == set(model.priors())
+    with pytest.raises(ValueError, match="no MAP"):
+        theta_map(object())
+
+
+@pytest.mark.parametrize("factory", [amortized, auto_guide], ids=["amortized", "auto"])
+def test_interrupted_run_resumes_exactly(data, tmp_path, factory):
+    def run(checkpoint, stop_at=None, resume=None):
+        def stop(step, loss, inference):
+            if step == stop_at:
+                raise KeyboardInterrupt
+        inference = SVIInference(make_model(), guide=factory, steps=4, elbo="trace",
+                                 progress=False, checkpoint=checkpoint, callbacks=[stop])
+        return inference.fit(data, resume=resume)
+
+    full = run(tmp_path / "full.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "part.pt", stop_at=2)
+    resumed = run(tmp_path / "part.pt", resume=tmp_path / "part.pt")
+    assert resumed.loss_history == full.loss_history

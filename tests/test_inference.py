@@ -1,0 +1,142 @@
+"""SVI inference: recovery of a known drift, warm start, new sequences, checkpoints."""
+
+import numpy as np
+import pyro
+import pytest
+import torch
+
+from cgpyro.inference import NumericalError, SVIInference, fit_drift_least_squares
+from cgpyro.model import CGModel
+from cgpyro.transitions import Drift, GaussianTransition
+from cgpyro.virtual import VirtualObservable, mass_conservation
+
+B = 4
+# A column-stochastic diffusion-with-drift matrix: the exact CG law of a biased random walk
+# observed in 4 periodic bins.
+K = np.array([[0.80, 0.08, 0.00, 0.12],
+              [0.12, 0.80, 0.08, 0.00],
+              [0.00, 0.12, 0.80, 0.08],
+              [0.08, 0.00, 0.12, 0.80]])
+
+
+def linear_data(n_seq=12, n_times=8, total=200_000, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.dirichlet(np.full(B, 3.0), size=n_seq)
+    out = np.empty((n_seq, n_times, B))
+    for t in range(n_times):
+        out[:, t] = [rng.multinomial(total, xi) for xi in x]
+        x = x @ K.T
+    return torch.tensor(out)
+
+
+def linear_model(**kw):
+    return CGModel(B, GaussianTransition(Drift(B, hidden=(), linear_skip=True, **kw)),
+                   virtual_observables=[VirtualObservable("mass", mass_conservation,
+                                                          sigma_start=1e-2)])
+
+
+def jacobian(model, theta):
+    x0 = torch.full((B,), 1.0 / B, dtype=torch.float64)
+    return torch.autograd.functional.jacobian(lambda x: model.transition_mean(x, theta), x0)
+
+
+def test_training_recovers_a_known_linear_drift():
+    """Tolerance 0.02 per entry: ~5x the LS standard error at 200k particles, 12 x 7 pairs."""
+    counts = linear_data()
+    model = linear_model()
+    inference = SVIInference(model, steps=400, progress=False).fit(counts)
+    J = jacobian(model, inference.guide.theta_map())
+    assert np.abs(J.numpy() - K).max() < 0.02
+    loc, scale = inference.guide.states()
+    mass = (loc + 0.5 * scale**2).exp().sum(-1)
+    # the MAP mass bias of eq. 17 + eq. 18 is N σ_c² = 2e5 * 1e-9
+    assert (mass - 1).abs().max() < 1e-3
+    assert np.isfinite(inference.loss_history).all() and len(inference.loss_history) == 400
+
+
+def test_training_without_warm_start_also_recovers_the_drift():
+    counts = linear_data()
+    model = linear_model()
+    inference = SVIInference(model, steps=1500, lr=0.02, lr_theta=0.01, warm_start=False,
+                             progress=False).fit(counts)
+    J = jacobian(model, inference.guide.theta_map())
+    assert np.abs(J.numpy() - K).max() < 0.05
+
+
+def test_least_squares_warm_start_makes_the_paper_relu_network_linear():
+    counts = linear_data()
+    model = CGModel(B, GaussianTransition(Drift(B, hidden=(B, B))))
+    theta = fit_drift_least_squares(model, counts, model.init_values(), max_iter=0)
+    J = jacobian(model, theta)
+    assert np.abs(J.numpy() - K).max() < 0.02
+
+
+def test_new_sequences_get_states_with_theta_fixed():
+    counts = linear_data()
+    model = linear_model()
+    inference = SVIInference(model, steps=200, progress=False).fit(counts[:8])
+    theta_before = {k: v.clone() for k, v in inference.guide.theta_map().items()}
+    guide = inference.infer_states(counts[8:], steps=200)
+    loc, _ = guide.states()
+    assert loc.shape == (4, counts.shape[1], B)
+    frac = counts[8:] / counts[8:].sum(-1, keepdim=True)
+    assert (loc.exp() - frac).abs().max() < 5e-3
+    for k, v in inference.guide.theta_map().items():
+        assert torch.equal(v, theta_before[k]), f"{k} changed while fitting new sequences"
+
+
+def test_early_stopping_and_callbacks():
+    counts = linear_data(n_seq=4, n_times=4)
+    seen = []
+
+    def stop_at_30(step, loss, inference):
+        seen.append(step)
+        return step >= 30
+
+    inference = SVIInference(linear_model(), steps=500, progress=False,
+                             callbacks=[stop_at_30]).fit(counts)
+    assert inference.step == 30 and seen[-1] == 30 and len(inference.loss_history) == 30
+
+
+def test_nan_stops_training_with_a_message(tmp_path):
+    counts = linear_data(n_seq=3, n_times=4)
+
+    def poison(step, loss, inference):
+        if step == 20:
+            with torch.no_grad():
+                pyro.get_param_store()._params["q.X_loc"].fill_(float("nan"))
+
+    inference = SVIInference(linear_model(), steps=100, progress=False, callbacks=[poison],
+                             checkpoint=tmp_path / "ck.pt", checkpoint_every=10)
+    with pytest.raises(NumericalError, match=r"step 20: parameter 'q.X_loc' is not finite.*step 10"):
+        inference.fit(counts)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    counts = linear_data(n_seq=3, n_times=4)
+    full = SVIInference(linear_model(), steps=60, progress=False).fit(counts)
+    expected = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+
+    def interrupt(step, loss, inference):
+        if step == 25:
+            raise KeyboardInterrupt
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        SVIInference(linear_model(), steps=60, progress=False, checkpoint=ck,
+                     callbacks=[interrupt]).fit(counts)
+    resumed = SVIInference(linear_model(), steps=60, progress=False, checkpoint=ck)
+    resumed.fit(counts, resume=ck)
+    assert resumed.step == 60
+    assert resumed.loss_history == full.loss_history
+    for k, v in pyro.get_param_store().items():
+        assert torch.equal(v.detach(), expected[k]), k
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        SVIInference(linear_model(), steps=0)
+    with pytest.raises(ValueError, match="lr must be a positive number"):
+        SVIInference(linear_model(), lr=-1.0)
+    with pytest.raises(ValueError, match="counts must have shape"):
+        SVIInference(linear_model(), steps=2, progress=False).fit(np.zeros((3, 4)))

@@ -1,0 +1,71 @@
+"""Forecasts through Predictive (Algorithm 1)."""
+
+import numpy as np
+import pytest
+
+from cgpyro.inference import SVIInference
+from cgpyro.predict import forecast, sample_positions
+from tests.test_inference import B, linear_data, linear_model
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    counts = linear_data(n_seq=6, n_times=6)
+    model = linear_model(conserve_mass=True)
+    inference = SVIInference(model, steps=300, progress=False).fit(counts)
+    return model, inference, counts
+
+
+@pytest.mark.parametrize("horizon", [0, 1, 7])
+def test_forecast_shapes_and_bands(fitted, horizon):
+    model, inference, counts = fitted
+    f = forecast(model, inference.guide, counts, horizon, num_samples=50, keep_samples=True)
+    n_seq, n_times, _ = counts.shape
+    assert f.mean.shape == f.lower.shape == f.upper.shape == (n_seq, n_times + horizon, B)
+    assert f.mass.shape == (n_seq, n_times + horizon)
+    assert f.samples_x.shape == (50, n_seq, n_times + horizon, B)
+    assert (f.lower <= f.upper).all() and np.isfinite(f.mean).all()
+    # reconstructed FG fractions are counts / N: they sum to 1 exactly in every draw
+    assert np.allclose(f.samples_fractions.sum(-1), 1.0)
+
+
+def test_forecast_mass_stays_within_tolerance(fitted):
+    """A mass-conserving drift keeps E[Σ X] at the inferred mass; MC error of 400 draws."""
+    model, inference, counts = fitted
+    f = forecast(model, inference.guide, counts, 20, num_samples=400)
+    assert np.abs(f.mass - 1).max() < 2e-3
+
+
+def test_forecast_tracks_the_true_linear_law(fitted):
+    model, inference, counts = fitted
+    from tests.test_inference import K
+
+    f = forecast(model, inference.guide, counts, 5, num_samples=200)
+    x = counts[:, -1].numpy() / counts[:, -1].sum(-1, keepdims=True).numpy()
+    for _ in range(5):
+        x = x @ K.T
+    assert np.abs(f.mean[:, -1] - x).sum(-1).max() < 0.02
+
+
+def test_same_seed_same_forecast(fitted):
+    model, inference, counts = fitted
+    a = forecast(model, inference.guide, counts, 3, num_samples=20, seed=5)
+    b = forecast(model, inference.guide, counts, 3, num_samples=20, seed=5)
+    c = forecast(model, inference.guide, counts, 3, num_samples=20, seed=6)
+    assert np.array_equal(a.mean, b.mean) and not np.array_equal(a.mean, c.mean)
+
+
+def test_bad_horizon_is_refused(fitted):
+    model, inference, counts = fitted
+    with pytest.raises(ValueError, match="horizon must be a non-negative integer"):
+        forecast(model, inference.guide, counts, -1)
+
+
+def test_positions_are_uniform_within_bins():
+    edges = np.linspace(-1, 1, 5)
+    pos = sample_positions([1000, 0, 3000, 1], edges, seed=0)
+    assert pos.shape == (4001,)
+    hist, _ = np.histogram(pos, edges)
+    assert hist.tolist() == [1000, 0, 3000, 1]
+    first = pos[:1000]
+    assert abs(first.mean() - (-0.75)) < 0.02  # uniform on [-1, -0.5]: mean -0.75, se 0.005
