@@ -179,11 +179,10 @@ def _writable_dir(path: Path) -> Path:
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
-    import shutil
 
     from cgpyro import data as cgdata
     from cgpyro.inference import SVIInference
-    from cgpyro.specs import load_guide, load_model, spec_path
+    from cgpyro.specs import load_guide, load_model
 
     dataset = cgdata.load(args.data)
     if args.resume is not None:
@@ -200,7 +199,7 @@ def _run_train(args: argparse.Namespace) -> int:
         model_path, guide_path = run / "model.toml", run / "guide.toml"
     else:
         run = _writable_dir(args.out)
-        model_path, guide_path = spec_path(args.model, "models"), spec_path(args.guide, "guides")
+        model_path, guide_path = args.model, args.guide
         seed, device = args.seed, args.device
         steps = None
     model = load_model(model_path, n_bins=dataset.n_bins)
@@ -210,10 +209,10 @@ def _run_train(args: argparse.Namespace) -> int:
     svi["steps"] = steps
     config = {"data_shape": list(dataset.counts.shape), "steps": steps, "seed": seed,
               "device": device, "dt": dataset.dt, "bin_edges": dataset.bin_edges.tolist(),
-              "model_spec": model_path.name, "guide_spec": guide_path.name}
+              "model_spec": model.spec.name, "guide_spec": guide_spec.name}
     if args.resume is None:
-        shutil.copyfile(model_path, run / "model.toml")
-        shutil.copyfile(guide_path, run / "guide.toml")
+        (run / "model.toml").write_text(model.spec.source)
+        (run / "guide.toml").write_text(guide_spec.source)
         cgdata.save(dataset, run / "train.npz")
         (run / "config.json").write_text(json.dumps(config, indent=2))
     inference = SVIInference(model, guide=guide_spec.factory, seed=seed, device=device,

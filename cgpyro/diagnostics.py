@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 from pyro.infer import Predictive
 
-from . import __version__
+from ._version import __version__
 from .inference import as_counts
 from .predict import _collect, _return_sites
 

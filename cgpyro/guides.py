@@ -357,6 +357,7 @@ def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal
     # Every prototype run of the model uses these values (never a draw from the wide prior).
     initialized = InitMessenger(init_fn)(model)
     guide = CGAutoGuide(initialized, model, theta_sites)
+    guide.device = device  # where the guide's params live (read by prediction code)
     if theta_sites:
         guide.append(_ThetaDelta(poutine.block(initialized, expose=theta_sites),
                                  init_loc_fn=init_fn))

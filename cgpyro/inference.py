@@ -284,9 +284,9 @@ class SVIInference:
                 loss = svi.step(counts)
                 self._set_lr(optim, self.step)
                 self.step += 1
+                self.loss_history.append(loss)
                 stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
                 self._check_finite(loss)
-                self.loss_history.append(loss)
                 bar.update(1)
                 if self.step % 50 == 0:
                     bar.set_postfix(elbo=f"{-loss:.4g}")
@@ -311,6 +311,9 @@ class SVIInference:
                 f"training needs at least 2 snapshots per sequence, got {counts.shape[1]}"
             )
         self.model.to(self.device)
+        if getattr(self.model.emission, "needs_mass_constraint", False):
+            for vo in self.model.virtual_observables:
+                vo.calibrate(counts.sum(-1).max().item())
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)

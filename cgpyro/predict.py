@@ -71,7 +71,8 @@ def forecast(
         raise ValueError(f"horizon must be a non-negative integer, got {horizon!r}")
     if not isinstance(num_samples, int | np.integer) or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-    device = next((p.device for p in [getattr(guide, "init_loc", None)] if p is not None), None)
+    device = getattr(guide, "device", None) or getattr(getattr(guide, "init_loc", None),
+                                                        "device", None)
     counts = as_counts(data, device=device)
     totals = counts[:, 0].sum(-1)
     pyro.set_rng_seed(seed)

@@ -88,6 +88,7 @@ class VirtualObservable(nn.Module):
         self.name, self.fn = name, fn
         affine = affine if affine is not None else getattr(fn, "affine", None)
         self.sigma_final, self.sigma_start = float(sigma), sigma_start
+        self._sigma_requested = float(sigma)
         self.anneal_fraction, self.learn = float(anneal_fraction), bool(learn)
         self.register_buffer("sigma", torch.tensor(float(sigma), dtype=torch.float64))
         self.affine = affine
@@ -105,6 +106,20 @@ class VirtualObservable(nn.Module):
         sigma = torch.as_tensor(sigma, dtype=loc.dtype, device=loc.device)
         lp = -0.5 * (c_mean.pow(2) + c_var) / sigma**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
         return lp.sum(tuple(range(-event_dim, 0)))
+
+    def calibrate(self, max_total: float, max_bias: float = 2.5e-4) -> None:
+        """Cap the final σ_c of the mass constraint for data with ``max_total`` particles.
+
+        With eq. 17 the MAP of ``Σ_j X_j`` is ``1 + N σ_c²``: the paper's σ_c² = 1e-9 gives
+        2.5e-4 at its N = 250,000 but a mass of 2 at N = 1e9, so σ_c² is capped at
+        ``max_bias / N`` (no change for the paper's setting).
+        """
+        if self.fn is not mass_conservation or self.learn:
+            return
+        self.sigma_final = min(self._sigma_requested, math.sqrt(max_bias / float(max_total)))
+        if self.sigma_start is not None:
+            self.sigma_start = max(self.sigma_start, self.sigma_final)
+        self.sigma.fill_(self.sigma_final)
 
     def anneal(self, progress: float) -> float:
         """Set σ_c for the training progress in [0, 1] (geometric schedule); returns it."""

@@ -1,0 +1,64 @@
+"""``make bench``: every benchmark, one results table (benchmarks/results.md)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_model  # noqa: E402
+import bench_simulate  # noqa: E402
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import os
+
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+            f"torch {torch.__version__} (CPU threads {torch.get_num_threads()})")
+
+
+def table(rows: list[dict], floatfmt: str = "{:.3g}") -> str:
+    if not rows:
+        return "(no rows)\n"
+    keys = list(rows[0])
+    out = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for r in rows:
+        out.append("| " + " | ".join(floatfmt.format(r[k]) if isinstance(r[k], float)
+                                     else str(r[k]) for k in keys) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results.md"))
+    parser.add_argument("--quick", action="store_true", help="one seed, fewer repeats")
+    args = parser.parse_args()
+    seeds = (0,) if args.quick else (0, 1, 2, 3, 4)
+    sections = [f"# cgpyro benchmarks\n\nMachine: {machine()}\n"]
+    sections.append("## FG data generation (paper dataset: 64 x 41 snapshots x 250,000 "
+                    "particles x 25 bins)\n\n" + bench_simulate.to_markdown(
+                        bench_simulate.run(quick=args.quick)) + "\n")
+    sections.append("## SVI step cost (64 sequences x 10 snapshots x 25 bins, paper network)\n\n"
+                    + table(bench_model.step_cost()))
+    sections.append("## Forecast accuracy (held-out 16 sequences; ratio = error / oracle floor; "
+                    "linear = least-squares linear peer)\n\n"
+                    + table(bench_model.accuracy(seeds=seeds)))
+    args.out.write_text("\n".join(sections))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
