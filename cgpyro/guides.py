@@ -46,6 +46,32 @@ def init_states_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return frac.log() - 0.5 * scale**2, scale
 
 
+def own_params(guide) -> None:
+    """Bind ``guide`` to the current values of its parameters in Pyro's global param store.
+
+    Every fit starts with ``pyro.clear_param_store()``; without this a guide fitted earlier
+    would silently read the parameters of whatever was fitted last under the same names. A bound
+    guide puts its own tensors back into the store whenever it is called.
+    """
+    store = pyro.get_param_store()
+    mine = (f"{guide.prefix}.", f"{guide.prefix}$$$")
+    if getattr(guide, "theta_values", None) is None:
+        mine += ("theta.",)
+    guide._owned_params = {
+        "params": {n: store._params[n] for n in store.keys() if n.startswith(mine)},
+        "constraints": {n: store._constraints[n] for n in store.keys() if n.startswith(mine)},
+    }
+
+
+def _rebind(guide) -> None:
+    owned = getattr(guide, "_owned_params", None)
+    if not owned:
+        return
+    store = pyro.get_param_store()
+    if any(store._params.get(n) is not v for n, v in owned["params"].items()):
+        store.set_state(owned)
+
+
 class LogNormalGuide:
     r"""The paper's mean-field guide (eq. 15, section 3.2).
 
@@ -90,6 +116,7 @@ class LogNormalGuide:
 
     def theta_map(self) -> dict[str, torch.Tensor]:
         """The MAP estimates θ_MAP (detached), by site name; fixed sites included."""
+        _rebind(self)
         if self.theta_values is not None:
             out = dict(self.theta_values)
         else:
@@ -103,11 +130,13 @@ class LogNormalGuide:
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``."""
+        _rebind(self)
         store = pyro.get_param_store()
         return store[f"{self.prefix}.X_loc"].detach(), store[f"{self.prefix}.X_scale"].detach()
 
     def __call__(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
                  resample_observed=False):
+        _rebind(self)
         like = counts if counts is not None else totals
         dtype, device = like.dtype, like.device
         self._theta(dtype, device)
@@ -250,12 +279,14 @@ class AmortizedGuide:
     def states(self, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``, for ``counts``
         (default: the training counts)."""
+        _rebind(self)
         with torch.no_grad():
             pyro.module(self.prefix, self.net)  # load the trained weights from the param store
             return self._loc_scale(self.counts if counts is None else counts)
 
     def __call__(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
                  resample_observed=False):
+        _rebind(self)
         if counts is None:
             raise ValueError("the amortized guide needs the observed counts")
         self._theta(counts.dtype, counts.device)
@@ -312,6 +343,7 @@ class CGAutoGuide(AutoGuideList):
 
     def theta_map(self) -> dict[str, torch.Tensor]:
         """The MAP estimates θ_MAP (detached), by site name; fixed sites included."""
+        _rebind(self)
         theta_part, _ = self._parts()
         out = {name: operator.attrgetter(name)(theta_part).detach() for name in self.theta_sites}
         out.update(self.cg_model_ref[0].fixed)
@@ -319,6 +351,7 @@ class CGAutoGuide(AutoGuideList):
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of the marginals of ``log X``, each ``(n_seq, n_times, n_bins)``."""
+        _rebind(self)
         _, part = self._parts()
         with torch.no_grad():
             if isinstance(part, AutoNormal):

@@ -11,11 +11,11 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .elbo import AnalyticTraceELBO
-from .guides import LogNormalGuide
+from .guides import LogNormalGuide, own_params
 from .transitions import Drift
 
 __all__ = ["SVIInference", "NumericalError", "fit_drift_least_squares", "as_counts"]
@@ -302,7 +302,13 @@ class SVIInference:
             self.fit_seconds += time.perf_counter() - start
         self._anneal(self.steps)  # leave σ_c at its final value for prediction
         self._save(optim)
+        self._own()
         return self
+
+    def _own(self, guide=None) -> None:
+        guide = guide if guide is not None else self.guide
+        if hasattr(guide, "prefix"):  # pyro.param-based guides; autoguides keep their own
+            own_params(guide)
 
     def _setup(self, data, payload):
         counts = as_counts(data, device=self.device)
@@ -338,6 +344,7 @@ class SVIInference:
         self._setup(data, load_checkpoint(checkpoint))
         for vo in self.model.virtual_observables:
             vo.anneal(1.0)
+        self._own()
         return self
 
     def _has_converged(self, scale: int) -> bool:
@@ -409,4 +416,5 @@ class SVIInference:
                 raise NumericalError(f"inferring new sequences: loss is {loss} at step {step}")
         for vo in self.model.virtual_observables:
             vo.anneal(1.0)
+        own_params(guide)
         return guide

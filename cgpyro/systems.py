@@ -252,7 +252,7 @@ class ParticleSystem:
         )
         sampler = _KernelSampler.for_kernel(self.kernel(1))
 
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(
             total=n_sequences * n_steps, unit="step", desc="simulate", disable=not progress

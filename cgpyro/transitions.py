@@ -146,10 +146,12 @@ class GaussianTransition(nn.Module):
       ``HalfCauchy(sigma_prior_scale)``, flat near zero so its MAP is data-driven);
     - ``noise="full"``: ``Σ_r = σ_r² L Lᵀ`` with a learned Cholesky factor ``L`` of order one,
       site ``noise_tril`` ``(n_bins, n_bins)`` under a flat prior (its MAP is the maximum
-      likelihood), beside ``sigma_r``; the split keeps Adam's steps relative to the scale. Particles hop between
-      neighbouring bins, so the CG fluctuations are anti-correlated between neighbours and
-      nearly absent from the mass and the slow modes; an isotropic σ_r puts noise there, where it
-      accumulates and inflates long forecast bands.
+      likelihood), beside ``sigma_r``; the split keeps Adam's steps relative to the scale.
+      Particles hop between neighbouring bins, so the CG fluctuations are anti-correlated
+      between neighbours and nearly absent from the mass and the slow modes; an isotropic σ_r
+      puts noise there, where it accumulates and widens long forecast bands. The learned
+      covariance narrows them, at a cost: the tight slow modes make q(X_T) follow the dynamics
+      rather than the last snapshot (see benchmarks/results.md).
 
     Sites: ``drift.*`` (see :class:`Drift`), ``sigma_r`` and (full noise) ``noise_tril``.
     """

@@ -104,7 +104,8 @@ class VirtualObservable(nn.Module):
         c_mean = a + mean @ W.T
         c_var = var @ W.pow(2).T
         sigma = torch.as_tensor(sigma, dtype=loc.dtype, device=loc.device)
-        lp = -0.5 * (c_mean.pow(2) + c_var) / sigma**2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+        lp = (-0.5 * (c_mean.pow(2) + c_var) / sigma**2 - torch.log(sigma)
+              - 0.5 * math.log(2 * math.pi))
         return lp.sum(tuple(range(-event_dim, 0)))
 
     def calibrate(self, max_total: float, max_bias: float = 2.5e-4) -> None:

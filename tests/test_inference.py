@@ -108,7 +108,8 @@ def test_nan_stops_training_with_a_message(tmp_path):
 
     inference = SVIInference(linear_model(), steps=100, progress=False, callbacks=[poison],
                              checkpoint=tmp_path / "ck.pt", checkpoint_every=10)
-    with pytest.raises(NumericalError, match=r"step 20: parameter 'q.X_loc' is not finite.*step 10"):
+    with pytest.raises(NumericalError,
+                       match=r"step 20: parameter 'q.X_loc' is not finite.*step 10"):
         inference.fit(counts)
 
 
@@ -140,3 +141,15 @@ def test_bad_settings_are_refused():
         SVIInference(linear_model(), lr=-1.0)
     with pytest.raises(ValueError, match="counts must have shape"):
         SVIInference(linear_model(), steps=2, progress=False).fit(np.zeros((3, 4)))
+
+
+def test_a_fitted_guide_keeps_its_parameters_after_another_fit():
+    counts = linear_data(n_seq=4, n_times=4)
+    model_a = linear_model()
+    first = SVIInference(model_a, steps=50, progress=False).fit(counts)
+    theta_a = {k: v.clone() for k, v in first.guide.theta_map().items()}
+    loc_a = first.guide.states()[0].clone()
+    SVIInference(linear_model(), steps=50, progress=False, seed=1).fit(counts * 2)
+    for k, v in first.guide.theta_map().items():
+        assert torch.equal(v, theta_a[k]), k
+    assert torch.equal(first.guide.states()[0], loc_a)
