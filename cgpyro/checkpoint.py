@@ -1,15 +1,21 @@
 """Atomic, pickle-free checkpoints of a training run.
 
 A checkpoint holds only tensors, numbers, strings, lists and dicts, and is read with
-``torch.load(..., weights_only=True)``: loading never executes code from the file.
+``torch.load(..., weights_only=True)``: loading never executes code from the file. It is
+written to a temporary file in the same directory and renamed over the target, so a crash or
+Ctrl-C never leaves a half-written checkpoint. A SHA-256 digest of the content (``sha256``)
+detects damaged files that still unpickle (flipped bytes in tensor data); every entry is
+checked for type and shape on load, so a damaged file gives one :class:`CheckpointError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -61,6 +67,16 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _optim_state(optim) -> dict:
+    """Optimizer state per parameter, including state restored from a checkpoint that no step
+    has consumed yet (Pyro creates each optimizer lazily at the first step: without this, a
+    resumed run interrupted before its first step would save an empty optimizer state)."""
+    if optim is None:
+        return {}
+    pending = getattr(optim, "_state_waiting_to_be_consumed", {})
+    return {**pending, **optim.get_state()}
+
+
 def save_checkpoint(path, *, step: int, optim, loss_history, config: dict, extra=None) -> None:
     """Write the param store, optimizer state, RNG states, step and config to ``path``."""
     store = pyro.get_param_store()
@@ -68,13 +84,40 @@ def save_checkpoint(path, *, step: int, optim, loss_history, config: dict, extra
         "format": "cgpyro-checkpoint-1",
         "step": int(step),
         "params": {k: v.detach().cpu() for k, v in store._params.items()},
-        "optim": _to_cpu(optim.get_state()) if optim is not None else {},
+        "optim": _to_cpu(_optim_state(optim)),
         "rng": rng_state(),
         "loss_history": [float(x) for x in loss_history],
         "config": config,
         "extra": extra or {},
     }
+    payload["sha256"] = _digest(payload)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+
+def _digest(payload: dict) -> str:
+    """SHA-256 of everything in ``payload`` but its ``sha256`` entry, in a canonical walk."""
+    h = hashlib.sha256()
+
+    def walk(obj) -> None:
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            keys = sorted((k for k in obj if not (obj is payload and k == "sha256")), key=repr)
+            h.update(f"D{len(keys)}:".encode())
+            for key in keys:
+                h.update(repr(key).encode())
+                walk(obj[key])
+        elif isinstance(obj, list | tuple):
+            h.update(f"L{len(obj)}:".encode())
+            for item in obj:
+                walk(item)
+        else:
+            h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+    walk(payload)
+    return h.hexdigest()
 
 
 def _to_cpu(obj):
@@ -88,21 +131,114 @@ def _to_cpu(obj):
 
 
 def load_checkpoint(path) -> dict:
-    """Read a checkpoint safely; :class:`CheckpointError` names what is wrong."""
+    """Read a checkpoint safely; :class:`CheckpointError` names what is wrong.
+
+    Loading uses ``torch.load(..., weights_only=True)`` (no code from the file is run), then
+    checks the digest and every entry's type, so whatever the file holds the caller gets a
+    well-formed payload or one ``CheckpointError`` line.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path}: is a directory, expected a file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint {path}: refused (not a plain-tensor file)") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError,
-            zipfile.BadZipFile) as err:
-        msg = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"checkpoint {path}: unreadable or truncated ({msg})") from None
+        with warnings.catch_warnings():  # torch warns about odd pickle protocols in damaged files
+            warnings.simplefilter("ignore")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        found = next((line for line in lines if "GLOBAL" in line), None)
+        if found:  # a pickled object: a class or function the file asks to import and call
+            raise CheckpointError(
+                f"checkpoint {path}: refused, it holds Python objects other than tensors, "
+                f"numbers and strings (loading them could run code: {found[:150]})") from None
+        found = [line for line in lines if not line.startswith(
+            ("Weights only load failed", "Check the documentation", "Please file an issue"))]
+        detail = found[0][:150] if found else _first_line(err)
+        raise CheckpointError(f"checkpoint {path}: unreadable or damaged ({detail})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError,
+            AttributeError, MemoryError, OverflowError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable or truncated "
+                              f"({_first_line(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != "cgpyro-checkpoint-1":
-        raise CheckpointError(f"checkpoint {path}: not a cgpyro checkpoint")
+        raise CheckpointError(f"checkpoint {path}: not a cgpyro checkpoint (no 'format': "
+                              "'cgpyro-checkpoint-1' entry)")
     for key in ("step", "params", "optim", "rng", "loss_history", "config"):
         if key not in payload:
             raise CheckpointError(f"checkpoint {path}: missing {key!r}")
+    if "sha256" in payload and payload["sha256"] != _digest(payload):
+        raise CheckpointError(f"checkpoint {path}: damaged (its content does not match its "
+                              "SHA-256 digest)")
+    problem = _check_payload(payload)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: damaged ({problem})")
     return payload
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return " ".join(text.splitlines()[0].split())[:200] if text else type(err).__name__
+
+
+def _check_payload(p: dict) -> str | None:
+    """What is malformed in a loaded payload (``None``: nothing)."""
+    if not _is_int(p["step"]) or p["step"] < 0:
+        return f"'step' must be an integer >= 0, found {p['step']!r}"[:200]
+    params = p["params"]
+    if not isinstance(params, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in params.items()):
+        return "'params' must map parameter names to tensors"
+    for name, value in params.items():
+        if (value.is_floating_point() or value.is_complex()) and not torch.isfinite(value).all():
+            return f"parameter {name!r} is not finite"
+    optim = p["optim"]
+    if not isinstance(optim, dict):
+        return "'optim' must be a dict"
+    for name, state in optim.items():
+        if name not in params:
+            return f"optimizer state for unknown parameter {name!r}"
+        if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+                and isinstance(state.get("param_groups"), list)
+                and all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                        for g in state["param_groups"])):
+            return f"optimizer state of {name!r} is not a torch optimizer state"
+        for slot in state["state"].values():
+            if not isinstance(slot, dict) or not all(
+                    isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape == params[name].shape)
+                    for v in slot.values()):
+                return f"optimizer state of {name!r} does not match the parameter's shape"
+    history = p["loss_history"]
+    if not isinstance(history, list) or not all(
+            isinstance(x, float | int) and not isinstance(x, bool) for x in history):
+        return "'loss_history' must be a list of numbers"
+    if not isinstance(p["config"], dict) or not isinstance(p.get("extra", {}), dict):
+        return "'config' and 'extra' must be dicts"
+    return _check_rng(p["rng"])
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_rng(rng) -> str | None:
+    """Try each saved RNG state on a throwaway generator (no global state is touched)."""
+    if not isinstance(rng, dict):
+        return "'rng' must be a dict"
+    try:
+        torch.Generator().set_state(rng["torch"])
+        key, pos = rng["numpy_key"], rng["numpy_pos"]
+        if not (isinstance(key, torch.Tensor) and key.shape == (624,) and _is_int(pos)):
+            raise ValueError("numpy state")
+        np.random.RandomState().set_state(("MT19937", key.numpy().astype(np.uint32), pos, 0, 0.0))
+        internal, version = rng["python"]
+        if not (isinstance(internal, list) and all(_is_int(x) for x in internal)
+                and _is_int(version)):
+            raise ValueError("python state")
+        random.Random().setstate((version, tuple(internal), None))
+        for state in rng.get("cuda", []):
+            if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8:
+                raise ValueError("cuda state")
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError) as err:
+        return f"bad RNG state ({_first_line(err)})"
+    return None

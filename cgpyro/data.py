@@ -78,6 +78,13 @@ def _validate_counts(counts: object) -> np.ndarray:
         idx = _first(neg)
         raise DataError(f"counts: expected non-negative counts, found {arr[idx]} at index {idx}")
     out = arr.astype(np.int64)
+    wide = out.sum(axis=2, dtype=np.float64)  # an int64 sum could wrap around silently
+    if (wide >= _INT64_LIMIT).any():
+        seq, t = _first(wide >= _INT64_LIMIT)
+        raise DataError(
+            f"counts: expected fewer than 2**63 particles per sequence, found {wide[seq, t]:g} "
+            f"in sequence {seq} at time {t}"
+        )
     totals = out.sum(axis=2)  # (n_sequences, n_times)
     empty = totals[:, 0] == 0
     if empty.any():
@@ -228,6 +235,13 @@ _READ_ERRORS = (
 
 
 def _read_npz(path: Path) -> dict[str, object]:
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path}: expected an .npz archive, found a single .npy array")
+    if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and suggests unpickling
+        raise DataError(f"{path}: cannot read as .npz (not a zip archive; empty, truncated or "
+                        "another format)")
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: expected an .npz archive, found a single .npy array")
@@ -263,6 +277,9 @@ def load(path: str | os.PathLike) -> Dataset:
         raise
     except _READ_ERRORS as exc:
         raise DataError(f"{path}: cannot read as {ext} ({_one_line(exc)})") from exc
+    except MemoryError as exc:  # a damaged header can claim a huge shape
+        raise DataError(f"{path}: cannot read as {ext} (an array needs more memory than is "
+                        f"available: {_one_line(exc)})") from exc
     try:
         return Dataset(**arrays)
     except DataError as exc:

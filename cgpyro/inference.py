@@ -317,6 +317,9 @@ class SVIInference:
                 f"training needs at least 2 snapshots per sequence, got {counts.shape[1]}"
             )
         self.model.to(self.device)
+        sigma_r = getattr(self.model.transition, "calibrated_sigma", lambda c: None)(counts)
+        if sigma_r is not None:
+            self.model.fix("transition.sigma_r", sigma_r.item())
         if getattr(self.model.emission, "needs_mass_constraint", False):
             for vo in self.model.virtual_observables:
                 vo.calibrate(counts.sum(-1).max().item())

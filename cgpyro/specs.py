@@ -25,6 +25,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     noise_ridge = 1e-4               # ridge of the full-noise initial covariance
     weight_prior_scale = 10.0        # Normal(0, s) prior on every weight and bias
     sigma_prior_scale = 0.1          # HalfCauchy(s) prior on σ_r
+    sigma_r_multinomial = 0.25       # fix σ_r at 0.25 x the per-bin multinomial std of the
+                                     # data (footnote 1); absent: σ_r is learned (MAP)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
     [emission]
@@ -110,7 +112,8 @@ MODEL_KEYS = {
          "virtual_observables", "fixed"),
     "cg": ("n_bins",),
     "transition": ("hidden", "activation", "linear_skip", "conserve_mass", "noise",
-                   "noise_ridge", "weight_prior_scale", "sigma_prior_scale"),
+                   "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
+                   "sigma_r_multinomial"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -325,7 +328,8 @@ class ModelSpec:
                       linear_skip=t["linear_skip"], conserve_mass=t["conserve_mass"],
                       weight_prior_scale=t["weight_prior_scale"])
         transition = GaussianTransition(drift, sigma_prior_scale=t["sigma_prior_scale"],
-                                        noise=t["noise"], noise_ridge=t["noise_ridge"])
+                                        noise=t["noise"], noise_ridge=t["noise_ridge"],
+                                        sigma_r_multinomial=t["sigma_r_multinomial"])
         vos = [self._virtual_observable(i, vo, n_bins)
                for i, vo in enumerate(self.virtual_observables, 1)]
         model = CGModel(n_bins, transition, EMISSIONS[self.emission](), vos,
@@ -390,6 +394,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
         "noise_ridge": tr.get_number("noise_ridge", 1e-4),
         "weight_prior_scale": tr.get_number("weight_prior_scale", 10.0),
         "sigma_prior_scale": tr.get_number("sigma_prior_scale", 0.1),
+        "sigma_r_multinomial": tr.get_number("sigma_r_multinomial", None),
     }
     if not transition["hidden"] and not transition["linear_skip"]:
         tr.fail("hidden", "an empty list needs linear_skip = true")

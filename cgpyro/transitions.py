@@ -157,7 +157,7 @@ class GaussianTransition(nn.Module):
     """
 
     def __init__(self, drift: Drift, sigma_prior_scale: float = 0.1, noise: str = "isotropic",
-                 noise_ridge: float = 1e-4):
+                 noise_ridge: float = 1e-4, sigma_r_multinomial: float | None = None):
         super().__init__()
         if noise not in ("isotropic", "full"):
             raise ValueError(f"noise must be 'isotropic' or 'full', got {noise!r}")
@@ -167,6 +167,25 @@ class GaussianTransition(nn.Module):
         if not noise_ridge > 0:
             raise ValueError(f"noise_ridge must be positive, got {noise_ridge!r}")
         self.noise_ridge = float(noise_ridge)
+        if sigma_r_multinomial is not None and not sigma_r_multinomial > 0:
+            raise ValueError(f"sigma_r_multinomial must be positive, got {sigma_r_multinomial!r}")
+        self.sigma_r_multinomial = sigma_r_multinomial
+
+    def calibrated_sigma(self, counts: torch.Tensor) -> torch.Tensor | None:
+        """σ_r fixed at ``sigma_r_multinomial`` x the per-bin multinomial std of ``counts``.
+
+        ``sqrt(mean_j X̄_j (1 - X̄_j) / N̄)`` over the data ``(n_seq, n_times, n_bins)``. Why:
+        p_cf (eq. 17) already redraws the FG state's intrinsic fluctuation at every step, and the
+        MAP σ_r learns that same fluctuation again from one-step residuals, so Algorithm 1's
+        bands count it twice and widen like a random walk in the slow modes. ``None`` when
+        σ_r is learned.
+        """
+        if self.sigma_r_multinomial is None:
+            return None
+        totals = counts.sum(-1, keepdim=True)
+        frac = counts / totals
+        var = (frac * (1 - frac) / totals).mean()
+        return self.sigma_r_multinomial * var.sqrt()
 
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
         priors = {f"drift.{k}": v for k, v in self.drift.priors(dtype, device).items()}

@@ -153,3 +153,16 @@ def test_a_fitted_guide_keeps_its_parameters_after_another_fit():
     for k, v in first.guide.theta_map().items():
         assert torch.equal(v, theta_a[k]), k
     assert torch.equal(first.guide.states()[0], loc_a)
+
+
+def test_sigma_r_calibrated_to_the_multinomial_scale_is_fixed():
+    counts = linear_data(n_seq=4, n_times=4, total=10_000)
+    model = CGModel(B, GaussianTransition(Drift(B, hidden=(), linear_skip=True),
+                                          sigma_r_multinomial=0.25),
+                    virtual_observables=[VirtualObservable("mass", mass_conservation)])
+    inference = SVIInference(model, steps=20, progress=False).fit(counts)
+    frac = counts / counts.sum(-1, keepdim=True)
+    expected = 0.25 * (frac * (1 - frac) / 10_000).mean().sqrt()
+    assert inference.guide.theta_map()["transition.sigma_r"].item() == pytest.approx(
+        expected.item(), rel=1e-12)
+    assert "theta.transition.sigma_r" not in pyro.get_param_store().keys()
