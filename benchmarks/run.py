@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from pathlib import Path
@@ -24,8 +25,6 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
-
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, "
             f"torch {torch.__version__} (CPU threads {torch.get_num_threads()})")
 
@@ -42,6 +41,8 @@ def table(rows: list[dict], floatfmt: str = "{:.3g}") -> str:
 
 
 def main() -> None:
+    if "OMP_NUM_THREADS" not in os.environ:  # as the CLI: one torch thread (see cgpyro/cli.py)
+        torch.set_num_threads(1)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results.md"))
     parser.add_argument("--quick", action="store_true", help="one seed, fewer repeats")

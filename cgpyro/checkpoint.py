@@ -16,7 +16,6 @@ import pickle
 import random
 import tempfile
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +32,28 @@ class CheckpointError(ValueError):
 def atomic_write(path: str | os.PathLike, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:  # name the target, not the temporary file
+        raise OSError(err.errno, err.strerror, str(path)) from None
     os.close(fd)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give what open() would
         write(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+    except RuntimeError as err:  # torch.save reports a failed write (e.g. disk full) this way
+        raise OSError(f"{path}: cannot write ({' '.join(str(err).split())})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def rng_state() -> dict:
@@ -157,8 +170,9 @@ def load_checkpoint(path) -> dict:
             ("Weights only load failed", "Check the documentation", "Please file an issue"))]
         detail = found[0][:150] if found else _first_line(err)
         raise CheckpointError(f"checkpoint {path}: unreadable or damaged ({detail})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, TypeError, IndexError,
-            AttributeError, MemoryError, OverflowError, zipfile.BadZipFile) as err:
+    except Exception as err:  # torch.load on damaged bytes can raise about anything
+        # (RuntimeError, EOFError, OSError, KeyError, AssertionError, MemoryError, ... seen
+        # fuzzing); weights_only=True ran no code from the file, so any failure means damage
         raise CheckpointError(f"checkpoint {path}: unreadable or truncated "
                               f"({_first_line(err)})") from None
     if not isinstance(payload, dict) or payload.get("format") != "cgpyro-checkpoint-1":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,6 +16,7 @@ from pyro.infer import SVI, Trace_ELBO
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
+from .data import DataError
 from .elbo import AnalyticTraceELBO
 from .guides import LogNormalGuide, own_params
 from .transitions import Drift
@@ -26,14 +29,62 @@ class NumericalError(RuntimeError):
 
 
 def as_counts(data, device=None, dtype=torch.float64) -> torch.Tensor:
-    """Counts ``(n_sequences, n_times, n_bins)`` as a float tensor from a Dataset/array/tensor."""
+    """Counts ``(n_sequences, n_times, n_bins)`` as a float tensor from a Dataset/array/tensor.
+
+    Refuses (:class:`~cgpyro.data.DataError`, a ``ValueError``, one line) what no model can
+    use: non-numeric dtypes, another number of axes, an empty axis, NaN/inf, negative or
+    fractional counts, and a sequence without particles at time 0.
+    """
     counts = getattr(data, "counts", data)
-    counts = torch.as_tensor(np.asarray(counts) if not torch.is_tensor(counts) else counts)
+    if not torch.is_tensor(counts):
+        try:
+            arr = np.asarray(counts)
+        except (ValueError, TypeError) as err:
+            raise DataError(f"counts: expected a rectangular array (sequence, time, bin), found "
+                            f"{type(counts).__name__} ({' '.join(str(err).split())})") from None
+        if arr.dtype.kind not in "iuf":
+            raise DataError(f"counts: expected real numbers, found dtype {arr.dtype}")
+        counts = torch.as_tensor(arr)
+    elif counts.dtype == torch.bool or counts.is_complex():
+        raise DataError(f"counts: expected real numbers, found dtype {counts.dtype}")
     if counts.dim() != 3:
-        raise ValueError(
+        raise DataError(
             f"counts must have shape (n_sequences, n_times, n_bins), got {tuple(counts.shape)}"
         )
-    return counts.to(dtype=dtype, device=device)
+    if 0 in counts.shape:
+        raise DataError(f"counts: expected at least one sequence, time and bin, found shape "
+                        f"{tuple(counts.shape)}")
+    out = counts.to(dtype=dtype, device=device)
+    for bad, rule in ((~torch.isfinite(out), "finite values"), (out < 0, "non-negative counts"),
+                      (out != out.round(), "integer counts")):
+        if bad.any():
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise DataError(f"counts: expected {rule}, found {out[index].item()} at index {index}")
+    empty = out[:, 0].sum(-1) == 0
+    if empty.any():
+        raise DataError(f"counts: expected particles in every sequence, found 0 in sequence "
+                        f"{int(empty.nonzero()[0, 0])} at time 0")
+    return out
+
+
+def _is_real(value) -> bool:
+    return (isinstance(value, int | float | np.integer | np.floating)
+            and not isinstance(value, bool) and math.isfinite(value))
+
+
+def _is_invalid_values(err: ValueError) -> bool:
+    """A distribution parameter holding NaN/inf (torch's validation), not a user mistake."""
+    text = str(err)
+    return "Expected parameter" in text and "found invalid values" in text
+
+
+def _describe_invalid(err: ValueError) -> str:
+    text = " ".join(str(err).split())
+    site = re.search(r"at site '([^']+)'", text)
+    param = re.search(r"Expected parameter (\w+) .*? of distribution (\w+)", text)
+    what = f"parameter {param[1]!r} of the {param[2]}" if param else "a distribution parameter"
+    where = f" at site {site[1]!r}" if site else ""
+    return f"{what}{where} holds invalid values (NaN, inf or out of range)"
 
 
 # --------------------------------------------------------------------------- warm start
@@ -193,12 +244,25 @@ class SVIInference:
         for name, value in (("lr", lr), ("lr_final_factor", lr_final_factor)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if lr_theta is not None and not (math.isfinite(lr_theta) and lr_theta >= 0):
+        if lr_theta is not None and not (_is_real(lr_theta) and lr_theta >= 0):
             raise ValueError(f"lr_theta must be a non-negative number, got {lr_theta!r}")
+        if tol is not None and not (_is_real(tol) and tol >= 0):
+            raise ValueError(f"tol must be None or a non-negative number, got {tol!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int | np.integer) \
+                or not 0 <= seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if elbo not in ("analytic", "trace"):
             raise ValueError(f"elbo must be 'analytic' or 'trace', got {elbo!r}")
+        bad = [cb for cb in callbacks if not callable(cb)]
+        if bad:
+            raise ValueError(f"callbacks must be callables, got {bad[0]!r}")
+        if checkpoint is not None and not isinstance(checkpoint, str | os.PathLike):
+            raise ValueError(f"checkpoint must be a path or None, got {checkpoint!r}")
         self.elbo = elbo
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
         self.model = model
@@ -224,7 +288,8 @@ class SVIInference:
             return LogNormalGuide(self.model, counts, theta_init=theta_init)
         if callable(self.guide_factory):
             return self.guide_factory(self.model, counts, theta_init)
-        raise ValueError(f"guide must be 'lognormal' or a factory callable, got {self.guide_factory!r}")
+        raise ValueError("guide must be 'lognormal' or a factory callable, "
+                         f"got {self.guide_factory!r}")
 
     def _elbo(self):
         cls = AnalyticTraceELBO if self.elbo == "analytic" else Trace_ELBO
@@ -259,10 +324,13 @@ class SVIInference:
                     bad = f"parameter {name!r} is not finite"
                     break
         if bad:
-            last = (f"last good checkpoint: {self.checkpoint} (step {self._last_saved})"
-                    if self.checkpoint is not None and self._last_saved is not None
-                    else "no checkpoint was written")
-            raise NumericalError(f"training stopped at step {self.step}: {bad}; {last}")
+            self._numerical_failure(self.step, bad)
+
+    def _numerical_failure(self, step: int, bad: str):
+        last = (f"last good checkpoint: {self.checkpoint} (step {self._last_saved})"
+                if self.checkpoint is not None and self._last_saved is not None
+                else "no checkpoint was written")
+        raise NumericalError(f"training stopped at step {step}: {bad}; {last}")
 
     # ------------------------------------------------------------------ training
     def fit(self, data, resume: str | Path | None = None) -> SVIInference:
@@ -274,6 +342,9 @@ class SVIInference:
         :returns: ``self``; see ``loss_history``, ``guide``, ``converged``.
         """
         counts, optim, svi = self._setup(data, load_checkpoint(resume) if resume else None)
+        if self.step > self.steps:
+            raise CheckpointError(f"checkpoint {resume} is at step {self.step}, beyond "
+                                  f"steps={self.steps}: pass steps >= {self.step}")
         scale = counts.shape[0] * counts.shape[1]
         start = time.perf_counter()
         bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress,
@@ -281,7 +352,12 @@ class SVIInference:
         try:
             while self.step < self.steps and not self.converged:
                 self._anneal(self.step)
-                loss = svi.step(counts)
+                try:
+                    loss = svi.step(counts)
+                except ValueError as err:  # Pyro's argument validation met NaN/inf in the model
+                    if not _is_invalid_values(err):
+                        raise
+                    self._numerical_failure(self.step + 1, _describe_invalid(err))
                 self._set_lr(optim, self.step)
                 self.step += 1
                 self.loss_history.append(loss)
@@ -316,6 +392,9 @@ class SVIInference:
             raise ValueError(
                 f"training needs at least 2 snapshots per sequence, got {counts.shape[1]}"
             )
+        if counts.shape[-1] != self.model.n_bins:
+            raise DataError(f"counts: expected {self.model.n_bins} bins (the model's n_bins), "
+                            f"found {counts.shape[-1]}")
         self.model.to(self.device)
         sigma_r = getattr(self.model.transition, "calibrated_sigma", lambda c: None)(counts)
         if sigma_r is not None:
@@ -379,7 +458,8 @@ class SVIInference:
             unconstrained = store._params[name]
             if unconstrained.shape != value.shape:
                 raise CheckpointError(f"checkpoint parameter {name!r} has shape "
-                                      f"{tuple(value.shape)}, expected {tuple(unconstrained.shape)}")
+                                      f"{tuple(value.shape)}, "
+                                      f"expected {tuple(unconstrained.shape)}")
             with torch.no_grad():
                 unconstrained.copy_(value.to(unconstrained))
         optim.set_state(payload["optim"])
@@ -401,9 +481,14 @@ class SVIInference:
         counts = as_counts(data, device=self.device)
         n_bins = self.model.n_bins
         if counts.shape[-1] != n_bins:
-            raise ValueError(f"new data has {counts.shape[-1]} bins, the model was trained on {n_bins}")
+            raise ValueError(f"new data has {counts.shape[-1]} bins, "
+                             f"the model was trained on {n_bins}")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int | np.integer)
+                                  or steps < 1):
+            raise ValueError(f"steps must be None or a positive integer, got {steps!r}")
         steps = int(steps or max(500, self.steps // 2))
-        guide = LogNormalGuide(self.model, counts, theta_values=self.guide.theta_map(), prefix=prefix)
+        guide = LogNormalGuide(self.model, counts, theta_values=self.guide.theta_map(),
+                               prefix=prefix)
         store = pyro.get_param_store()
         for key in (f"{prefix}.X_loc", f"{prefix}.X_scale"):
             if key in store:
@@ -413,7 +498,13 @@ class SVIInference:
         for step in range(steps):
             for vo in self.model.virtual_observables:
                 vo.anneal(step / steps)
-            loss = svi.step(counts)
+            try:
+                loss = svi.step(counts)
+            except ValueError as err:
+                if not _is_invalid_values(err):
+                    raise
+                raise NumericalError(f"inferring new sequences: {_describe_invalid(err)} at step "
+                                     f"{step}") from None
             _decay_lr(optim, self.lr_final_factor ** (step / steps))
             if not math.isfinite(loss):
                 raise NumericalError(f"inferring new sequences: loss is {loss} at step {step}")

@@ -9,7 +9,9 @@ import pyro
 import torch
 from pyro.infer import Predictive
 
-from .inference import as_counts
+from .data import DataError
+from .guides import LogNormalGuide
+from .inference import NumericalError, _describe_invalid, _is_invalid_values, as_counts
 
 __all__ = ["Forecast", "forecast", "sample_positions"]
 
@@ -67,18 +69,34 @@ def forecast(
     :param horizon: coarse steps to forecast past the last snapshot (``>= 0``).
     :param num_samples: posterior samples.
     """
-    if not isinstance(horizon, int | np.integer) or horizon < 0:
+    if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer) or horizon < 0:
         raise ValueError(f"horizon must be a non-negative integer, got {horizon!r}")
-    if not isinstance(num_samples, int | np.integer) or num_samples < 2:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer) \
+            or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     device = getattr(guide, "device", None) or getattr(getattr(guide, "init_loc", None),
                                                         "device", None)
     counts = as_counts(data, device=device)
+    if counts.shape[-1] != model.n_bins:
+        raise DataError(f"counts: expected {model.n_bins} bins (the model's n_bins), found "
+                        f"{counts.shape[-1]}")
+    if isinstance(guide, LogNormalGuide) and (guide.n_sequences, guide.n_times) != counts.shape[:2]:
+        raise DataError(f"counts: the guide was fitted to {guide.n_sequences} sequences x "
+                        f"{guide.n_times} snapshots, found {counts.shape[0]} x {counts.shape[1]} "
+                        "(fit new sequences first: cgpyro.guides.guide_for_new_sequences)")
     totals = counts[:, 0].sum(-1)
     pyro.set_rng_seed(seed)
     predictive = Predictive(model, guide=guide, num_samples=num_samples, parallel=True,
                             return_sites=_return_sites(model, counts.shape[1], horizon))
-    out = predictive(counts, forecast=int(horizon), resample_observed=True)
+    try:
+        out = predictive(counts, forecast=int(horizon), resample_observed=True)
+    except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
+        if not _is_invalid_values(err):
+            raise
+        raise NumericalError(f"forecast: {_describe_invalid(err)}; the trained parameters may "
+                             "have diverged (see the loss history)") from None
     x, m = _collect(model, out, counts.shape[1], horizon)
     frac = m / totals[:, None, None]
     q = torch.quantile(frac, torch.tensor([0.025, 0.975], dtype=frac.dtype, device=frac.device),

@@ -185,7 +185,11 @@ class GaussianTransition(nn.Module):
         totals = counts.sum(-1, keepdim=True)
         frac = counts / totals
         var = (frac * (1 - frac) / totals).mean()
-        return self.sigma_r_multinomial * var.sqrt()
+        # Floor: all particles in one bin (e.g. N = 1) give var = 0 and a degenerate Normal;
+        # keep at least 1e-3 of the multinomial std of uniform fractions.
+        B = counts.shape[-1]
+        floor = 1e-6 * (1 / B) * (1 - 1 / B) / totals.mean()
+        return self.sigma_r_multinomial * torch.maximum(var, floor).sqrt()
 
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
         priors = {f"drift.{k}": v for k, v in self.drift.priors(dtype, device).items()}
