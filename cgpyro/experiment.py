@@ -53,6 +53,8 @@ def _as_model(model, n_bins):
 
 
 def _svi_settings(guide):
+    if guide is None:
+        return "lognormal", {}, None
     if isinstance(guide, str):
         from .specs import load_guide
 
@@ -97,7 +99,7 @@ def run_paper_experiment(
     counts = data.counts
     train, test = counts[:n_train, :n_observed], counts[n_train:, :n_observed]
     cg_model = _as_model(model, n_bins)
-    factory, svi, _ = _svi_settings(guide) if guide is not None else ("lognormal", {}, None)
+    factory, svi, _ = _svi_settings(guide)
     if steps is not None:
         svi["steps"] = steps
     inference = SVIInference(cg_model, guide=factory, seed=seed, device=device,
