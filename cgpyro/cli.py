@@ -55,26 +55,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- flag types ------------------------------------------------------------------------------
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, found {value}")
-    return value
+def _int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {rule}, found {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {rule}, found {value}")
+        return value
+
+    check.__doc__ = f"argparse type: {rule}."
+    return check
 
 
-def nonnegative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, found {value}")
-    return value
+positive_int = _int_at_least(1, "a positive integer")
+nonnegative_int = _int_at_least(0, "an integer >= 0")
 
 
 def output_file(suffixes: Sequence[str]) -> Callable[[str], Path]:
