@@ -16,7 +16,7 @@ from pyro.infer import SVI, Trace_ELBO
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
-from .data import DataError
+from .data import DataError, Dataset, validate
 from .elbo import AnalyticTraceELBO
 from .guides import LogNormalGuide, own_params
 from .transitions import Drift
@@ -31,40 +31,19 @@ class NumericalError(RuntimeError):
 def as_counts(data, device=None, dtype=torch.float64) -> torch.Tensor:
     """Counts ``(n_sequences, n_times, n_bins)`` as a float tensor from a Dataset/array/tensor.
 
-    Refuses (:class:`~cgpyro.data.DataError`, a ``ValueError``, one line) what no model can
-    use: non-numeric dtypes, another number of axes, an empty axis, NaN/inf, negative or
-    fractional counts, and a sequence without particles at time 0.
+    Arrays and tensors go through the data format's validation
+    (:func:`cgpyro.data.validate`: one-line :class:`~cgpyro.data.DataError`); a ``Dataset``
+    was validated when it was made.
     """
-    counts = getattr(data, "counts", data)
-    if not torch.is_tensor(counts):
-        try:
-            arr = np.asarray(counts)
-        except (ValueError, TypeError) as err:
-            raise DataError(f"counts: expected a rectangular array (sequence, time, bin), found "
-                            f"{type(counts).__name__} ({' '.join(str(err).split())})") from None
-        if arr.dtype.kind not in "iuf":
-            raise DataError(f"counts: expected real numbers, found dtype {arr.dtype}")
-        counts = torch.as_tensor(arr)
-    elif counts.dtype == torch.bool or counts.is_complex():
-        raise DataError(f"counts: expected real numbers, found dtype {counts.dtype}")
-    if counts.dim() != 3:
-        raise DataError(
-            f"counts must have shape (n_sequences, n_times, n_bins), got {tuple(counts.shape)}"
-        )
-    if 0 in counts.shape:
-        raise DataError(f"counts: expected at least one sequence, time and bin, found shape "
-                        f"{tuple(counts.shape)}")
-    out = counts.to(dtype=dtype, device=device)
-    for bad, rule in ((~torch.isfinite(out), "finite values"), (out < 0, "non-negative counts"),
-                      (out != out.round(), "integer counts")):
-        if bad.any():
-            index = tuple(int(i) for i in bad.nonzero()[0])
-            raise DataError(f"counts: expected {rule}, found {out[index].item()} at index {index}")
-    empty = out[:, 0].sum(-1) == 0
-    if empty.any():
-        raise DataError(f"counts: expected particles in every sequence, found 0 in sequence "
-                        f"{int(empty.nonzero()[0, 0])} at time 0")
-    return out
+    if isinstance(data, Dataset):
+        counts = data.counts
+    else:
+        if torch.is_tensor(data):
+            if data.dtype == torch.bool or data.is_complex():
+                raise DataError(f"counts: expected integer counts, found dtype {data.dtype}")
+            data = data.detach().cpu().numpy()
+        counts, _, _ = validate(data)
+    return torch.as_tensor(counts).to(dtype=dtype, device=device)
 
 
 def _is_real(value) -> bool:

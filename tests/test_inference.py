@@ -139,7 +139,8 @@ def test_bad_settings_are_refused():
         SVIInference(linear_model(), steps=0)
     with pytest.raises(ValueError, match="lr must be a positive number"):
         SVIInference(linear_model(), lr=-1.0)
-    with pytest.raises(ValueError, match="counts must have shape"):
+    with pytest.raises(ValueError,
+                       match=r"counts: expected 3 dimensions \(sequence, time, bin\), found 2"):
         SVIInference(linear_model(), steps=2, progress=False).fit(np.zeros((3, 4)))
 
 

@@ -429,10 +429,11 @@ def _with(counts, index, value):
     (lambda c: _with(c, (0, 1, 2), np.nan), "counts: expected finite values, found nan at "
                                             "index (0, 1, 2)"),
     (lambda c: _with(c, (1, 0, 0), -1), "counts: expected non-negative counts, found -1.0"),
-    (lambda c: _with(c, (0, 0, 0), 0.5), "counts: expected integer counts, found 0.5"),
-    (lambda c: c[:, :, :4], "counts: expected 5 bins (the model's n_bins), found 4"),
+    (lambda c: _with(c, (0, 0, 0), 0.5), "counts: expected integer values, found 0.5"),
+    (lambda c: np.concatenate([c[..., :3], c[..., 3:].sum(-1, keepdims=True)], -1),
+     "counts: expected 5 bins (the model's n_bins), found 4"),
     (lambda c: c * 0, "counts: expected particles in every sequence, found 0 in sequence 0"),
-    (lambda c: c.astype(str), "counts: expected real numbers, found dtype <U21"),
+    (lambda c: c.astype(str), "counts: expected integer counts, found dtype <U21"),
     (lambda c: c[:0], "counts: expected at least one sequence, time and bin, found shape "
                       "(0, 5, 5)"),
 ])
