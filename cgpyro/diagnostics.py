@@ -1,6 +1,7 @@
 """ArviZ ``InferenceData`` of a fitted model: posterior states, reconstructions, log-likelihood.
 
-The variational posterior q(X) is sampled through ``pyro.infer.Predictive`` exactly as
+The variational posterior q(X) is sampled by :func:`~cgpyro.predict.posterior_predictive`
+(``pyro.infer.Predictive``'s computation with the plate nesting known) exactly as
 :func:`~cgpyro.predict.forecast` does, and laid out with named dims so that ``az.summary``,
 ``az.plot_hdi``, ``az.loo`` and ``az.compare`` work on it. q is not an MCMC posterior: there is
 one chain of independent draws (``chain=1``, ``draw=num_samples``), so R-hat is undefined and the
@@ -18,11 +19,10 @@ import numpy as np
 import pyro
 import torch
 import xarray as xr
-from pyro.infer import Predictive
 
 from ._version import __version__
 from .inference import as_counts
-from .predict import _collect, _return_sites
+from .predict import _collect, posterior_predictive
 
 __all__ = [
     "to_inference_data",
@@ -140,9 +140,8 @@ def to_inference_data(
     totals = counts[:, 0].sum(-1)
 
     pyro.set_rng_seed(seed)
-    predictive = Predictive(model, guide=guide, num_samples=num_samples, parallel=True,
-                            return_sites=_return_sites(model, n_times, horizon))
-    out = predictive(counts, forecast=int(horizon), resample_observed=True)
+    out = posterior_predictive(model, guide, num_samples, counts, forecast=int(horizon),
+                               resample_observed=True)
     x, m = _collect(model, out, n_times, horizon)  # (sample, sequence, time, bin)
 
     theta = guide.theta_map() if hasattr(guide, "theta_map") else {}

@@ -1,4 +1,4 @@
-"""Forecasts with uncertainty (Algorithm 1) through ``pyro.infer.Predictive``."""
+"""Forecasts with uncertainty (Algorithm 1): posterior-predictive draws of the model."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyro
 import torch
-from pyro.infer import Predictive
+from pyro import poutine
 
 from .data import DataError
 from .guides import LogNormalGuide
 from .inference import NumericalError, _describe_invalid, _is_invalid_values, as_counts
 
-__all__ = ["Forecast", "forecast", "sample_positions"]
+__all__ = ["Forecast", "forecast", "posterior_predictive", "sample_positions"]
 
 
 @dataclass
@@ -88,10 +88,9 @@ def forecast(
                         "(fit new sequences first: cgpyro.guides.guide_for_new_sequences)")
     totals = counts[:, 0].sum(-1)
     pyro.set_rng_seed(seed)
-    predictive = Predictive(model, guide=guide, num_samples=num_samples, parallel=True,
-                            return_sites=_return_sites(model, counts.shape[1], horizon))
     try:
-        out = predictive(counts, forecast=int(horizon), resample_observed=True)
+        out = posterior_predictive(model, guide, num_samples, counts, forecast=int(horizon),
+                                   resample_observed=True)
     except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
         if not _is_invalid_values(err):
             raise
@@ -115,14 +114,24 @@ def forecast(
     return result
 
 
-def _return_sites(model, n_times, horizon):
-    if model.vectorized:
-        sites = ["X", "counts"]
-    else:
-        sites = [f"{s}_{t}" for t in range(n_times) for s in ("X", "counts")]
-    if horizon:
-        sites += ["X_forecast", "counts_forecast"]
-    return sites
+def posterior_predictive(model, guide, num_samples: int, *args, **kwargs) -> dict:
+    """Draws of every sample site of ``model`` replayed against ``guide``, vectorized.
+
+    What ``pyro.infer.Predictive(model, guide=guide, parallel=True)`` computes, with the plate
+    nesting known (one plate, ``sequences`` at dim -1; the draws go in a plate at dim -2) instead
+    of guessed: Predictive guesses it by running the model with θ drawn from the *prior*, whose
+    rollout over long sequences can overflow and be blamed on training. Here the model only ever
+    sees θ from the guide.
+
+    :returns: site name → tensor ``(num_samples, n_sequences, *event_shape)`` for sites in the
+        sequence plate, ``(num_samples, 1, *event_shape)`` for global sites (θ).
+    """
+    with torch.no_grad(), pyro.plate("_num_predictive_samples", num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs)
+    return {name: site["value"] for name, site in model_trace.nodes.items()
+            if site["type"] == "sample"}
 
 
 def _collect(model, out, n_times, horizon):

@@ -219,9 +219,14 @@ class GaussianTransition(nn.Module):
                 "noise_tril": torch.linalg.cholesky(cov + self.noise_ridge * eye)}
 
     def mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``E[X_{t+1} | X_t] = X_t + NN(X_t)``, shape of ``x``."""
+        """``E[X_{t+1} | X_t] = X_t + NN(X_t)``, clamped to [-1, 2]; shape of ``x``.
+
+        Bin fractions live in [0, 1]; the clamp never binds for a trained drift, but keeps
+        rollouts with θ drawn from the prior (e.g. ``Predictive``'s probe of the plate nesting)
+        finite over long horizons.
+        """
         drift_theta = {k[len("drift."):]: v for k, v in theta.items() if k.startswith("drift.")}
-        return x + self.drift(x, drift_theta)
+        return (x + self.drift(x, drift_theta)).clamp(-1.0, 2.0)
 
     def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> dist.Distribution:
         mean = self.mean(x, theta)

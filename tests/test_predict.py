@@ -69,3 +69,37 @@ def test_positions_are_uniform_within_bins():
     assert hist.tolist() == [1000, 0, 3000, 1]
     first = pos[:1000]
     assert abs(first.mean() - (-0.75)) < 0.02  # uniform on [-1, -0.5]: mean -0.75, se 0.005
+
+
+@pytest.fixture(scope="module")
+def long_run():
+    """100 snapshots: a rollout of θ drawn from the prior (|W| ~ 10) overflows on these."""
+    from cgpyro.specs import load_guide, load_model
+    from cgpyro.systems import simulate_dataset
+
+    data, _ = simulate_dataset(n_sequences=2, n_steps=99, n_particles=20_000, n_bins=25, seed=0)
+    model = load_model("particles_best", n_bins=25)
+    inference = load_guide("lognormal").inference(model, steps=30, progress=False).fit(data)
+    return model, inference, data
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_forecast_of_long_sequences_never_rolls_out_the_prior(long_run, seed):
+    model, inference, data = long_run
+    f = forecast(model, inference.guide, data, 100, num_samples=20, seed=seed)
+    assert f.mean.shape == (2, 200, 25) and np.isfinite(f.mean).all()
+    assert np.isfinite(f.lower).all() and np.isfinite(f.upper).all()
+
+
+def test_users_own_predictive_survives_its_prior_probe(long_run):
+    """Predictive guesses the plate nesting from a prior run: the clamped mean keeps it finite."""
+    import torch
+    from pyro.infer import Predictive
+
+    model, inference, data = long_run
+    counts = torch.as_tensor(data.counts, dtype=torch.float64)
+    out = Predictive(model, guide=inference.guide, num_samples=5, parallel=True,
+                     return_sites=["X", "X_forecast"])(counts, forecast=100,
+                                                       resample_observed=True)
+    assert out["X_forecast"].shape[-2:] == (100, 25)
+    assert torch.isfinite(out["X_forecast"]).all()
