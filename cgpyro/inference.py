@@ -102,6 +102,8 @@ def fit_drift_least_squares(
     :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
     """
     drift = model.transition.drift
+    if hasattr(drift, "initial_fit"):
+        return _fit_flux_drift(model, counts, theta, max_iter)
     B = drift.n_bins
     frac = counts / counts.sum(-1, keepdim=True)
     x = frac[:, :-1].reshape(-1, B).cpu()
@@ -160,6 +162,87 @@ def fit_drift_least_squares(
         if f"transition.{name}" not in model.fixed:
             theta[f"transition.{name}"] = value
     return theta
+
+
+def hold_linear_part(model, counts: torch.Tensor) -> None:
+    """Empirical Bayes for a drift that declares ``initial_fit`` (:class:`FluxDrift`).
+
+    Deterministic in the data, so a resumed or reloaded run gets the same values: the held
+    sites are fixed in the model (``model.fix``) and have no guide parameters.
+    """
+    drift = getattr(model.transition, "drift", None)
+    if not hasattr(drift, "initial_fit"):
+        return
+    drift.calibrate(counts)
+    held = set(drift.held_sites())
+    for name, value in drift.initial_fit(counts).items():
+        if name in held:
+            model.fix(f"transition.drift.{name}", value)
+
+
+def _fit_flux_drift(model, counts, theta, max_iter):
+    """Warm start of a flux drift's network on multi-step rollouts of the empirical fractions.
+
+    MAP with the linear part held: ``Σ |x̂_{t+h} - x_{t+h}|² / (2σ²) + Σ w² / (2 s_w²)`` over
+    rollouts of ``h ≤ 4`` steps from every start, σ² the residual variance of the linear part.
+    Rollouts (not one-step pairs) make the nonlinear flux consistent over the horizons it will
+    be used on. Then the noise parameters from the one-step residuals.
+    """
+    drift = model.transition.drift
+    pre = "transition.drift."
+    frac = (counts / counts.sum(-1, keepdim=True)).cpu()
+    totals = counts[:, 0].sum(-1).cpu()
+    theta = {k: v.detach().clone().cpu() for k, v in theta.items()}
+    theta.update({k: v.cpu() for k, v in model.fixed.items() if k.startswith(pre)})
+    names = [k for k in theta if k.startswith(pre + "flux.") and k not in model.fixed]
+
+    def drift_theta(params):
+        return {k[len(pre):]: params.get(k, theta[k]) for k in theta if k.startswith(pre)}
+
+    def step(x, th):
+        return (x + drift(x, th, totals)).clamp(-1.0, 2.0)
+
+    n_times = frac.shape[1]
+    H = min(4, n_times - 1)
+    with torch.no_grad():
+        lin = step(frac[:, :-1].transpose(0, 1), drift_theta({})).transpose(0, 1)
+        sigma2 = (lin - frac[:, 1:]).pow(2).mean().clamp_min(1e-30)
+
+    def loss_fn(params):
+        th = drift_theta(params)
+        x = frac[:, : n_times - H]
+        loss = 0.0
+        for h in range(1, H + 1):
+            x = step(x.transpose(0, 1), th).transpose(0, 1)
+            loss = loss + (x - frac[:, h: n_times - H + h]).pow(2).sum() / (2 * sigma2)
+        prior = sum(params[k].pow(2).sum() for k in names) / (2 * drift.weight_prior_scale**2)
+        return (loss + prior) / frac[:, 1:].numel()
+
+    if names and max_iter > 0:
+        params = {k: theta[k].clone().requires_grad_(True) for k in names}
+        opt = torch.optim.LBFGS(list(params.values()), lr=1.0, max_iter=max_iter,
+                                tolerance_grad=1e-12, tolerance_change=1e-14,
+                                history_size=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(params)
+            loss.backward()
+            return loss
+
+        before = loss_fn(params).item()
+        opt.step(closure)
+        after = loss_fn(params).item()
+        if math.isfinite(after) and after <= before:  # keep the start if L-BFGS diverged
+            theta.update({k: v.detach() for k, v in params.items()})
+    with torch.no_grad():
+        x = frac[:, :-1].transpose(0, 1)
+        residuals = (step(x, drift_theta({})) - frac[:, 1:].transpose(0, 1)).reshape(
+            -1, drift.n_bins)
+    for name, value in model.transition.noise_init(residuals).items():
+        if f"transition.{name}" not in model.fixed:
+            theta[f"transition.{name}"] = value
+    return {k: v for k, v in theta.items() if k not in model.fixed}
 
 
 # --------------------------------------------------------------------------- SVI
@@ -381,6 +464,7 @@ class SVIInference:
         if getattr(self.model.emission, "needs_mass_constraint", False):
             for vo in self.model.virtual_observables:
                 vo.calibrate(counts.sum(-1).max().item())
+        hold_linear_part(self.model, counts)
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)

@@ -11,7 +11,7 @@ from pyro.nn import PyroModule
 
 from .distributions import MarkovChain
 from .emissions import Emission, MultinomialEmission
-from .transitions import GaussianTransition
+from .transitions import GaussianTransition, Hierarchical, _prefixed
 from .virtual import VirtualObservable
 
 __all__ = ["CGModel"]
@@ -61,7 +61,7 @@ class CGModel(PyroModule):
     # ----------------------------------------------------------------- parameters θ
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
         """Priors of all parameter sites θ, by site name (fixed ones included)."""
-        priors = {f"transition.{k}": v for k, v in self.transition.priors(dtype, device).items()}
+        priors = _prefixed(self.transition.priors(dtype, device), "transition.")
         priors.update({f"emission.{k}": v for k, v in self.emission.priors(dtype, device).items()})
         for vo in self.virtual_observables:
             if vo.learn:
@@ -95,8 +95,9 @@ class CGModel(PyroModule):
         for name, prior in self.priors(dtype, device).items():
             if name in self.fixed:
                 theta[name] = self.fixed[name].to(dtype=dtype, device=device)
-            else:
-                theta[name] = pyro.sample(name, prior)
+            else:  # a hierarchical prior follows its parents in the dict's order
+                fn = prior(theta) if isinstance(prior, Hierarchical) else prior
+                theta[name] = pyro.sample(name, fn)
         return theta
 
     # ----------------------------------------------------------------- densities
@@ -105,9 +106,11 @@ class CGModel(PyroModule):
         loc = torch.full((self.n_bins,), -math.log(self.n_bins), dtype=dtype, device=device)
         return dist.LogNormal(loc, self.x0_scale).to_event(1).expand(batch_shape)
 
-    def transition_mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``E[X_{t+1} | X_t = x]`` for θ by full site name; ``x`` is ``(..., n_bins)``."""
-        return self.transition.mean(x, self._part(theta, "transition."))
+    def transition_mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
+                        totals: torch.Tensor | None = None) -> torch.Tensor:
+        """``E[X_{t+1} | X_t = x]`` for θ by full site name; ``x`` is ``(..., n_bins)``,
+        ``totals`` the particle totals broadcast against ``x[..., 0]`` (or ``None``)."""
+        return self.transition.mean(x, self._part(theta, "transition."), totals)
 
     def _part(self, theta, prefix):
         return {k[len(prefix):]: v for k, v in theta.items() if k.startswith(prefix)}
@@ -162,14 +165,15 @@ class CGModel(PyroModule):
         trans_theta = self._part(theta, "transition.")
         emis_theta = self._part(theta, "emission.")
 
-        def step(x):
-            return self.transition(x, trans_theta)
-
         with pyro.plate("sequences", n_seq, subsample_size=subsample_size, dim=-1) as idx:
             obs = None
             if counts is not None and not resample_observed:
                 obs = counts[idx]
             n_tot = totals[idx]
+
+            def step(x):
+                return self.transition(x, trans_theta, n_tot)
+
             if self.vectorized:
                 x0 = self.initial(idx.shape, dtype, device)
                 X = pyro.sample("X", MarkovChain(step, n_times, init=x0))

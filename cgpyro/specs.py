@@ -17,7 +17,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     [cg]
     n_bins = "auto"                  # "auto" (from the data) or an int >= 2 that must match it
     [transition]                     # eq. 4-5: X_{t+1} ~ N(X_t + NN(X_t), Σ_r)
-    hidden = [25, 25]                # MLP widths (may be [] with linear_skip = true)
+    drift = "mlp"                    # mlp (the paper's network) | flux (local, conservative)
+    hidden = [25, 25]                # mlp: widths (may be [] with linear_skip = true)
     activation = "relu"              # relu | tanh | elu | softplus | silu
     linear_skip = false              # NN(X) = A X + b + MLP(X)
     conserve_mass = false            # project the drift onto Σ_j NN_j = 0
@@ -27,6 +28,12 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     sigma_prior_scale = 0.1          # HalfCauchy(s) prior on σ_r
     sigma_r_multinomial = 0.25       # fix σ_r at 0.25 x the per-bin multinomial std of the
                                      # data (footnote 1); absent: σ_r is learned (MAP)
+    radius = "auto"                  # flux: jump reach in bins ("auto": ceil(B/4), >= 2)
+    correction_radius = 2            # flux: reach of the per-bin (non-equivariant) correction
+    channels = []                    # flux: conv face-flux network widths ([]: linear stencil)
+    kernel = 5                       # flux: odd conv kernel width (bins)
+    hyper_prior_scale = 1.0          # flux: HalfCauchy(s) hyperprior on the two prior scales
+                                     # (flux: activation default "tanh", weight scale 1.0)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
     [emission]
@@ -79,7 +86,7 @@ from .emissions import MultinomialEmission, NormalizedMultinomialEmission
 from .guides import AmortizedGuide, LogNormalGuide, auto_guide
 from .inference import SVIInference
 from .model import CGModel
-from .transitions import ACTIVATIONS, Drift, GaussianTransition
+from .transitions import ACTIVATIONS, Drift, FluxDrift, GaussianTransition
 from .virtual import (
     BUILTIN_CONSTRAINTS,
     VirtualObservable,
@@ -103,6 +110,7 @@ SPECS_ENV = "CGPYRO_SPECS_DIR"
 EMISSIONS = {"multinomial": MultinomialEmission,
              "normalized_multinomial": NormalizedMultinomialEmission}
 NOISES = ("isotropic", "full")
+DRIFTS = ("mlp", "flux")
 GUIDE_KINDS = ("lognormal", "amortized", "auto")
 AUTO_FAMILIES = ("normal", "lowrank")
 ELBOS = ("analytic", "trace")
@@ -111,9 +119,10 @@ MODEL_KEYS = {
     "": ("name", "description", "vectorized", "cg", "transition", "prior", "emission",
          "virtual_observables", "fixed"),
     "cg": ("n_bins",),
-    "transition": ("hidden", "activation", "linear_skip", "conserve_mass", "noise",
+    "transition": ("drift", "hidden", "activation", "linear_skip", "conserve_mass", "noise",
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
-                   "sigma_r_multinomial"),
+                   "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
+                   "hyper_prior_scale"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -324,9 +333,20 @@ class ModelSpec:
         if n_bins < 2:
             raise SpecError(f"n_bins must be >= 2, got {n_bins}")
         t = self.transition
-        drift = Drift(n_bins, hidden=t["hidden"], activation=t["activation"],
-                      linear_skip=t["linear_skip"], conserve_mass=t["conserve_mass"],
-                      weight_prior_scale=t["weight_prior_scale"])
+        try:
+            if t["drift"] == "flux":
+                drift = FluxDrift(n_bins, radius=t["radius"],
+                                  correction_radius=t["correction_radius"],
+                                  channels=t["channels"], kernel=t["kernel"],
+                                  activation=t["activation"],
+                                  weight_prior_scale=t["weight_prior_scale"],
+                                  hyper_prior_scale=t["hyper_prior_scale"])
+            else:
+                drift = Drift(n_bins, hidden=t["hidden"], activation=t["activation"],
+                              linear_skip=t["linear_skip"], conserve_mass=t["conserve_mass"],
+                              weight_prior_scale=t["weight_prior_scale"])
+        except ValueError as err:  # sizes that only fail for this n_bins
+            raise SpecError(f"{self.file}: [transition] for {n_bins} bins: {err}") from None
         transition = GaussianTransition(drift, sigma_prior_scale=t["sigma_prior_scale"],
                                         noise=t["noise"], noise_ridge=t["noise_ridge"],
                                         sigma_r_multinomial=t["sigma_r_multinomial"])
@@ -385,18 +405,42 @@ def load_model_spec(path_or_name) -> ModelSpec:
         cg.fail("n_bins", f"expected 'auto' or an integer >= 2, found {_show(n_bins)}")
 
     tr = _Table(file, "[transition]", data.get("transition", {}), MODEL_KEYS["transition"])
+    kind = tr.get_str("drift", "mlp", choices=DRIFTS)
+    flux = kind == "flux"
+    if flux:
+        for key in ("hidden", "linear_skip", "conserve_mass"):
+            if tr.has(key):
+                tr.fail(key, "is an mlp setting; drift = 'flux' uses radius, correction_radius, "
+                             "channels, kernel")
+    else:
+        for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale"):
+            if tr.has(key):
+                tr.fail(key, "is a flux setting; set drift = 'flux' to use it")
+    radius = tr.data.get("radius", "auto")
+    if radius != "auto" and (not isinstance(radius, int) or isinstance(radius, bool)
+                             or radius < 1):
+        tr.fail("radius", f"expected 'auto' or an integer >= 1, found {_show(radius)}")
     transition = {
+        "drift": kind,
+        "radius": radius,
+        "correction_radius": tr.get_int("correction_radius", 2, minimum=0),
+        "channels": tr.widths("channels", []),
+        "kernel": tr.get_int("kernel", 5),
+        "hyper_prior_scale": tr.get_number("hyper_prior_scale", 1.0),
         "hidden": tr.widths("hidden", [25, 25]),
-        "activation": tr.get_str("activation", "relu", choices=sorted(ACTIVATIONS)),
+        "activation": tr.get_str("activation", "tanh" if flux else "relu",
+                                 choices=sorted(ACTIVATIONS)),
         "linear_skip": tr.get_bool("linear_skip", False),
         "conserve_mass": tr.get_bool("conserve_mass", False),
         "noise": tr.get_str("noise", "isotropic", choices=NOISES),
         "noise_ridge": tr.get_number("noise_ridge", 1e-4),
-        "weight_prior_scale": tr.get_number("weight_prior_scale", 10.0),
+        "weight_prior_scale": tr.get_number("weight_prior_scale", 1.0 if flux else 10.0),
         "sigma_prior_scale": tr.get_number("sigma_prior_scale", 0.1),
         "sigma_r_multinomial": tr.get_number("sigma_r_multinomial", None),
     }
-    if not transition["hidden"] and not transition["linear_skip"]:
+    if transition["kernel"] % 2 == 0:
+        tr.fail("kernel", f"expected an odd integer, found {transition['kernel']}")
+    if not flux and not transition["hidden"] and not transition["linear_skip"]:
         tr.fail("hidden", "an empty list needs linear_skip = true")
 
     prior = _Table(file, "[prior]", data.get("prior", {}), MODEL_KEYS["prior"])

@@ -15,7 +15,7 @@ from pyro import distributions as dist
 from pyro.distributions import constraints
 from torch import nn
 
-__all__ = ["Drift", "GaussianTransition", "ACTIVATIONS"]
+__all__ = ["ACTIVATIONS", "Drift", "FluxDrift", "GaussianTransition", "Hierarchical", "auto_radius"]
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -192,7 +192,7 @@ class GaussianTransition(nn.Module):
         return self.sigma_r_multinomial * torch.maximum(var, floor).sqrt()
 
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
-        priors = {f"drift.{k}": v for k, v in self.drift.priors(dtype, device).items()}
+        priors = _prefixed(self.drift.priors(dtype, device), "drift.")
         scale = torch.tensor(self.sigma_prior_scale, dtype=dtype, device=device)
         priors["sigma_r"] = dist.HalfCauchy(scale)
         if self.noise == "full":
@@ -218,7 +218,8 @@ class GaussianTransition(nn.Module):
         return {"sigma_r": sigma,
                 "noise_tril": torch.linalg.cholesky(cov + self.noise_ridge * eye)}
 
-    def mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+    def mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
+             totals: torch.Tensor | None = None) -> torch.Tensor:
         """``E[X_{t+1} | X_t] = X_t + NN(X_t)``, clamped to [-1, 2]; shape of ``x``.
 
         Bin fractions live in [0, 1]; the clamp never binds for a trained drift, but keeps
@@ -226,13 +227,321 @@ class GaussianTransition(nn.Module):
         finite over long horizons.
         """
         drift_theta = {k[len("drift."):]: v for k, v in theta.items() if k.startswith("drift.")}
+        if getattr(self.drift, "uses_totals", False):
+            return (x + self.drift(x, drift_theta, totals)).clamp(-1.0, 2.0)
         return (x + self.drift(x, drift_theta)).clamp(-1.0, 2.0)
 
-    def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> dist.Distribution:
-        mean = self.mean(x, theta)
+    def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
+                totals: torch.Tensor | None = None) -> dist.Distribution:
+        """``p(X_{t+1} | X_t = x)``; ``totals`` (particles, broadcast against ``x[..., 0]``)
+        feed drifts that use the absolute density (:class:`FluxDrift`)."""
+        mean = self.mean(x, theta, totals)
         sigma = theta["sigma_r"]
         if self.noise == "full":
             scale_tril = sigma[..., None, None] * theta["noise_tril"]
             return dist.MultivariateNormal(mean, scale_tril=scale_tril)
         # batched θ (particles, Predictive samples) carries x's batch axes: add the bin axis
         return dist.Normal(mean, sigma.unsqueeze(-1)).to_event(1)
+
+
+class Hierarchical:
+    """A prior whose parameters are other θ sites: ``fn(*values of parents) -> Distribution``.
+
+    Declared in :meth:`priors` dicts beside plain distributions; the model samples the parents
+    first and then this site from ``fn(...)`` (e.g. ``jumps ~ N(0, jump_scale)`` with
+    ``jump_scale`` a site of its own: a hyperprior). ``support``, ``event_dim`` and ``shape()``
+    describe the site without its parents' values (for guides and specs).
+    """
+
+    def __init__(self, fn, parents: tuple[str, ...], support, shape: torch.Size):
+        self.fn, self.parents, self.support = fn, tuple(parents), support
+        self._shape = torch.Size(shape)
+
+    @property
+    def event_dim(self) -> int:
+        return len(self._shape)
+
+    def shape(self) -> torch.Size:
+        return self._shape
+
+    def prefixed(self, prefix: str) -> Hierarchical:
+        return Hierarchical(self.fn, tuple(prefix + p for p in self.parents), self.support,
+                            self._shape)
+
+    def __call__(self, theta: dict[str, torch.Tensor]) -> dist.Distribution:
+        return self.fn(*(theta[p] for p in self.parents))
+
+
+def _prefixed(priors: dict, prefix: str) -> dict:
+    return {prefix + k: (v.prefixed(prefix) if isinstance(v, Hierarchical) else v)
+            for k, v in priors.items()}
+
+
+def auto_radius(n_bins: int) -> int:
+    """Reach of the jump stencil in bins: a quarter of the domain, at least 2, at most (B-1)/2."""
+    return max(1, min(max(math.ceil(n_bins / 4), 2), (n_bins - 1) // 2))
+
+
+class FluxDrift(nn.Module):
+    r"""A local, conservative, translation-equivariant drift in flux form, ``(..., B) -> (..., B)``.
+
+    Particles leave bin ``i`` for bin ``i + k`` at rate ``r_{i,k}`` per coarse step, and a
+    network adds a nonlinear face flux ``F_{j+1/2}(X)``:
+
+    ``NN(X)_j = Σ_k [r_{j-k,k} X_{j-k} - r_{j,k} X_j] - (F_{j+1/2}(X) - F_{j-1/2}(X)) / B``
+
+    - ``r_{i,k} = p_k + δ_{i,k}``: a translation-invariant jump stencil ``p_k`` for
+      ``0 < |k| ≤ radius`` (site ``jumps``, ``(2·radius,)``) plus a per-bin correction ``δ_{i,k}``
+      for ``|k| ≤ correction_radius`` (site ``delta``, ``(B, 2·correction_radius)``): the
+      non-equivariant part (e.g. bins of unequal width);
+    - hierarchical prior: ``p_k ~ N(0, jump_scale)``, ``δ ~ N(0, correction_scale)`` with
+      ``jump_scale, correction_scale ~ HalfCauchy(hyper_prior_scale)``: the data decide how far
+      the dynamics departs from translation invariance. The linear part and its two scales are
+      set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
+      jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
+    - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
+      ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
+      ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, so that
+      interacting systems can depend on the absolute density); sites ``flux.{k}.weight``
+      ``(out, in, kernel)``, ``flux.{k}.bias`` ``(out,)`` under ``N(0, weight_prior_scale)``;
+      the last layer starts at zero (the drift starts as the linear stencil).
+
+    For any θ the mean dynamics conserves ``Σ_j X_j`` exactly and commutes with cyclic shifts
+    when ``δ = 0``. ``B`` is the number of bins; every size scales with it.
+    """
+
+    def __init__(
+        self,
+        n_bins: int,
+        radius: int | str = "auto",
+        correction_radius: int = 2,
+        channels: tuple[int, ...] = (),
+        kernel: int = 5,
+        activation: str = "tanh",
+        weight_prior_scale: float = 1.0,
+        hyper_prior_scale: float = 1.0,
+    ):
+        super().__init__()
+        B = int(n_bins)
+        if B < 3:
+            raise ValueError(f"FluxDrift needs n_bins >= 3, got {n_bins}")
+        if radius == "auto":
+            radius = auto_radius(B)
+        if isinstance(radius, bool) or not isinstance(radius, int) \
+                or not 1 <= radius <= (B - 1) // 2:
+            raise ValueError(f"radius must be 'auto' or an integer in [1, (n_bins-1)//2 = "
+                             f"{(B - 1) // 2}], got {radius!r}")
+        if isinstance(correction_radius, bool) or not isinstance(correction_radius, int) \
+                or not 0 <= correction_radius <= radius:
+            raise ValueError(f"correction_radius must be an integer in [0, radius = {radius}], "
+                             f"got {correction_radius!r}")
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 \
+                or kernel % 2 == 0 or kernel > B:
+            raise ValueError(f"kernel must be an odd integer in [1, n_bins = {B}], got {kernel!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        for name, value in (("weight_prior_scale", weight_prior_scale),
+                            ("hyper_prior_scale", hyper_prior_scale)):
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self.n_bins, self.radius, self.correction_radius = B, radius, correction_radius
+        self.channels, self.kernel, self.activation = tuple(int(c) for c in channels), kernel, \
+            activation
+        self.weight_prior_scale = float(weight_prior_scale)
+        self.hyper_prior_scale = float(hyper_prior_scale)
+        offsets = [k for k in range(-radius, radius + 1) if k != 0]
+        self.register_buffer("offsets", torch.tensor(offsets), persistent=False)
+        self.register_buffer("total_ref", torch.tensor(1.0, dtype=torch.float64),
+                             persistent=False)
+        self.uses_totals = True
+
+    # -- declaration -------------------------------------------------------------------
+    def _corr_offsets(self) -> list[int]:
+        c = self.correction_radius
+        return [k for k in range(-c, c + 1) if k != 0]
+
+    def shapes(self) -> dict[str, torch.Size]:
+        shapes = {"jumps": torch.Size([2 * self.radius])}
+        if self.correction_radius:
+            shapes["delta"] = torch.Size([self.n_bins, 2 * self.correction_radius])
+        sizes = (2, *self.channels, 1) if self.channels else ()
+        for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+            shapes[f"flux.{k}.weight"] = torch.Size([o, i, self.kernel])
+            shapes[f"flux.{k}.bias"] = torch.Size([o])
+        return shapes
+
+    def held_sites(self) -> list[str]:
+        """Sites set by :meth:`initial_fit` and held there during SVI (relative names)."""
+        names = ["jump_scale", "jumps"]
+        if self.correction_radius:
+            names += ["correction_scale", "delta"]
+        return names
+
+    def priors(self, dtype=torch.float64, device=None) -> dict:
+        """Hyperpriors, the hierarchical linear part and ``N(0, s)`` network weights."""
+        zero = torch.zeros((), dtype=dtype, device=device)
+        hyper = dist.HalfCauchy(torch.tensor(self.hyper_prior_scale, dtype=dtype, device=device))
+        shapes = self.shapes()
+
+        def normal(shape):
+            return lambda scale: dist.Normal(zero, scale).expand(shape).to_event(len(shape))
+
+        priors = {"jump_scale": hyper,
+                  "jumps": Hierarchical(normal(shapes["jumps"]), ("jump_scale",),
+                                        constraints.real, shapes["jumps"])}
+        if self.correction_radius:
+            priors["correction_scale"] = hyper
+            priors["delta"] = Hierarchical(normal(shapes["delta"]), ("correction_scale",),
+                                           constraints.real, shapes["delta"])
+        for name, shape in shapes.items():
+            if name.startswith("flux."):
+                priors[name] = dist.Normal(zero, self.weight_prior_scale).expand(shape) \
+                    .to_event(len(shape))
+        return priors
+
+    def init_values(self, generator: torch.Generator | None = None, dtype=torch.float64):
+        values = {"jump_scale": torch.tensor(0.1, dtype=dtype),
+                  "jumps": torch.zeros(2 * self.radius, dtype=dtype)}
+        if self.correction_radius:
+            values["correction_scale"] = torch.tensor(0.01, dtype=dtype)
+            values["delta"] = torch.zeros(self.n_bins, 2 * self.correction_radius, dtype=dtype)
+        shapes = self.shapes()
+        n_layers = len(self.channels) + 1 if self.channels else 0
+        for k in range(n_layers):
+            shape = shapes[f"flux.{k}.weight"]
+            bound = 1.0 / math.sqrt(shape[1] * shape[2])
+            u = torch.rand(shape, generator=generator, dtype=dtype)
+            values[f"flux.{k}.weight"] = (2 * u - 1) * bound if k < n_layers - 1 \
+                else torch.zeros(shape, dtype=dtype)
+            values[f"flux.{k}.bias"] = torch.zeros(shape[0], dtype=dtype)
+        return values
+
+    # -- evaluation ----------------------------------------------------------------------
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        """Regressors of the linear part: ``(..., B, P)`` with ``P = 2·radius + B·2·c``."""
+        B = self.n_bins
+        j = torch.arange(B, device=x.device)
+        feats = [x[..., (j[:, None] - self.offsets.to(x.device)) % B] - x[..., :, None]]
+        if self.correction_radius:
+            # δ_{i,k} moves r X_i from bin i to bin i + k: +X_i at i + k, -X_i at i.
+            ks = self._corr_offsets()
+            out = torch.zeros(*x.shape, B, len(ks), dtype=x.dtype, device=x.device)
+            for c, k in enumerate(ks):
+                out[..., j, j, c] -= x
+                out[..., (j + k) % B, j, c] += x
+            feats.append(out.reshape(*x.shape, B * len(ks)))
+        return torch.cat(feats, -1)
+
+    def linear(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The jump part ``Σ_k r_{j-k,k} X_{j-k} - r_{j,k} X_j``, shape of ``x``."""
+        B = self.n_bins
+        j = torch.arange(B, device=x.device)
+        src = x[..., (j[:, None] - self.offsets.to(x.device)) % B]  # (..., B, 2R): X_{j-k}
+        jumps = theta["jumps"]
+        out = (src * jumps.unsqueeze(-2)).sum(-1) - x * jumps.sum(-1, keepdim=True)
+        if self.correction_radius:
+            delta = theta["delta"]  # (..., B, 2c): rate from bin i by offset k
+            for c, k in enumerate(self._corr_offsets()):
+                flow = delta[..., c] * x  # (..., B): out of bin i
+                out = out - flow + flow.roll(k, -1)
+        return out
+
+    def _conv(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # Circular conv as gather + einsum so that θ may carry batch axes (posterior draws).
+        B, half = self.n_bins, self.kernel // 2
+        idx = (torch.arange(B, device=h.device)[:, None]
+               + torch.arange(-half, half + 1, device=h.device)[None, :]) % B
+        win = h[..., idx]  # (..., C_in, B, kernel)
+        return torch.einsum("...cbk,...ock->...ob", win, weight) + bias.unsqueeze(-1)
+
+    def face_flux(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
+                  totals: torch.Tensor | None = None) -> torch.Tensor:
+        """``F_{j+1/2}(X)``, shape of ``x`` (zero without ``channels``)."""
+        if not self.channels:
+            return torch.zeros_like(x)
+        u = x * self.n_bins
+        rel = 1.0 if totals is None else (totals / self.total_ref.to(totals)).unsqueeze(-1)
+        h = torch.stack([u - 1, u * rel - 1], -2)  # (..., 2, B)
+        act = ACTIVATIONS[self.activation]
+        n_layers = len(self.channels) + 1
+        for k in range(n_layers):
+            h = self._conv(h, theta[f"flux.{k}.weight"], theta[f"flux.{k}.bias"])
+            if k < n_layers - 1:
+                h = act(h)
+        return h.squeeze(-2)
+
+    def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
+                totals: torch.Tensor | None = None) -> torch.Tensor:
+        out = self.linear(x, theta)
+        if self.channels:
+            F_ = self.face_flux(x, theta, totals)
+            out = out - (F_ - F_.roll(1, -1)) / self.n_bins
+        return out
+
+    # -- empirical Bayes -----------------------------------------------------------------
+    def calibrate(self, counts: torch.Tensor) -> None:
+        """Remember the training data's mean particle total ``N_ref`` (input normalisation)."""
+        self.total_ref = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
+
+    def initial_fit(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Empirical Bayes for the linear part on pairs of empirical fractions.
+
+        Bayesian linear regression of ``m_{t+1}/N - m_t/N`` on the jump features with priors
+        ``N(0, jump_scale²)`` (jumps) and ``N(0, correction_scale²)`` (δ), Gaussian residuals;
+        the two scales and the residual variance maximise the log evidence (L-BFGS on its closed
+        form, weights integrated out), the weights are their posterior mean. Returns values of
+        ``jump_scale, jumps, correction_scale, delta`` (relative names).
+
+        :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
+        """
+        frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
+        x = frac[:, :-1].reshape(-1, self.n_bins)
+        y = (frac[:, 1:] - frac[:, :-1]).reshape(-1)
+        with torch.no_grad():
+            Phi = self._features(x).reshape(-1, self._n_linear())
+        return self._evidence_fit(Phi.T @ Phi, Phi.T @ y, y @ y, y.numel())
+
+    def _n_linear(self) -> int:
+        return 2 * self.radius + self.n_bins * 2 * self.correction_radius
+
+    def _evidence_fit(self, G, r, yy, n_obs) -> dict[str, torch.Tensor]:
+        P, nj = G.shape[0], 2 * self.radius
+        group = torch.zeros(P, dtype=torch.bool)
+        group[nj:] = True  # δ entries
+        scale = G.diagonal().mean().clamp_min(1e-300)
+        # log τ_j, log τ_δ (prior precisions relative to the Gram scale), log β (noise precision)
+        log_h = torch.tensor([0.0, 0.0, math.log(n_obs / max(yy.item(), 1e-300))],
+                             dtype=torch.float64, requires_grad=True)
+
+        def neg_evidence():
+            a_j, a_d, beta = (log_h[0].exp() * scale, log_h[1].exp() * scale, log_h[2].exp())
+            alpha = torch.where(group, a_d, a_j)
+            H = torch.diag(alpha) + beta * G
+            L = torch.linalg.cholesky(H)
+            m = beta * torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+            rss = yy - 2 * m @ r + m @ G @ m
+            ev = 0.5 * (torch.log(alpha).sum() + n_obs * torch.log(beta) - beta * rss
+                        - m @ (alpha * m)) - torch.log(L.diagonal()).sum()
+            return -ev / n_obs, m, alpha
+
+        opt = torch.optim.LBFGS([log_h], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = neg_evidence()[0]
+            loss.backward()
+            return loss
+
+        try:
+            opt.step(closure)
+        except torch.linalg.LinAlgError:  # keep the start if a trial point was singular
+            pass
+        with torch.no_grad():
+            if not torch.isfinite(log_h).all():
+                log_h.zero_()
+            _, m, alpha = neg_evidence()
+        values = {"jump_scale": alpha[0].rsqrt(), "jumps": m[:nj].clone()}
+        if self.correction_radius:
+            values["correction_scale"] = alpha[-1].rsqrt()
+            values["delta"] = m[nj:].reshape(self.n_bins, 2 * self.correction_radius).clone()
+        return values

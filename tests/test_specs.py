@@ -204,7 +204,7 @@ VO = r"\[\[virtual_observables\]\] "
 MODEL_ERRORS = [
     ("nmae = 'x'\n", r"unknown key 'nmae'; allowed: cg, description, emission, fixed, name"),
     ("[transition]\nhiden = [25]\n",
-     r"\[transition\] unknown key 'hiden'; allowed: activation, conserve_mass"),
+     r"\[transition\] unknown key 'hiden'; allowed: activation, channels, conserve_mass"),
     ("[cg]\nbins = 25\n", r"\[cg\] unknown key 'bins'; allowed: n_bins"),
     ("[[virtual_observables]]\nconstraint = 'mass'\nsigma = 1e-9\n",
      VO + r"#1 unknown key 'sigma'; allowed: anneal_fraction"),
