@@ -15,6 +15,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from tqdm import tqdm
 
+from ._threads import with_auto_threads
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataError, Dataset, validate
 from .elbo import AnalyticTraceELBO
@@ -395,6 +396,7 @@ class SVIInference:
         raise NumericalError(f"training stopped at step {step}: {bad}; {last}")
 
     # ------------------------------------------------------------------ training
+    @with_auto_threads  # one torch thread for small problems (issue 9)
     def fit(self, data, resume: str | Path | None = None) -> SVIInference:
         """Train on ``data`` (Dataset, array or tensor of counts ``(n_seq, n_times, n_bins)``).
 
