@@ -95,12 +95,38 @@ def output_file(suffixes: Sequence[str]) -> Callable[[str], Path]:
 
 
 # -- simulate --------------------------------------------------------------------------------
-SYSTEMS = ("particles",)
+SYSTEMS = ("particles", "exclusion")
 
 
 def _configure_simulate(parser: argparse.ArgumentParser) -> None:
+    def _probability(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0.0 <= value <= 1.0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], found {text!r}")
+        return value
+
     parser.add_argument("--system", choices=SYSTEMS, default="particles",
-                        help="FG system (default: particles, the seed's section 3.1)")
+                        help="FG system: particles (the seed's section 3.1, default) or "
+                        "exclusion (interacting soft-exclusion walkers)")
+    parser.add_argument("--sites", type=positive_int, default=None,
+                        help="lattice sites on [-1, 1) (default: 1280)")
+    parser.add_argument("--p-left", type=_probability, default=None,
+                        help="jump-left probability per micro step (default: 0.1875 particles, "
+                        "0.1 exclusion)")
+    parser.add_argument("--p-right", type=_probability, default=None,
+                        help="jump-right probability per micro step (default: 0.2125 "
+                        "particles, 0.3 exclusion)")
+    parser.add_argument("--micro-steps", type=positive_int, default=None,
+                        help="micro steps per snapshot (default: 1600 particles, 200 exclusion)")
+    parser.add_argument("--capacity", type=positive_int, default=None,
+                        help="site capacity K, exclusion only (default: 200)")
+    parser.add_argument("--family", default=None,
+                        help="initial-condition family: fourier (default), bumps or steps")
+    parser.add_argument("--device", default="cpu",
+                        help="torch device for the exclusion micro steps (default: cpu)")
     parser.add_argument("--sequences", type=positive_int, default=64,
                         help="independent sequences (default: 64)")
     parser.add_argument("--steps", type=positive_int, default=40,
@@ -116,23 +142,52 @@ def _configure_simulate(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_simulate(args: argparse.Namespace) -> int:
-    from cgpyro.data import save
-    from cgpyro.systems import ParticleSystem, simulate_dataset
+    import inspect
 
-    n_sites = ParticleSystem().n_sites
-    if args.bins > n_sites:
-        raise UsageError(
-            f"simulate: argument --bins: expected at most {n_sites} (the lattice "
-            f"sites), found {args.bins}"
+    from cgpyro.data import save
+
+    params = {key: value for key, value in (
+        ("n_sites", args.sites), ("p_left", args.p_left), ("p_right", args.p_right),
+        ("micro_steps", args.micro_steps)) if value is not None}
+    family = {} if args.family is None else {"family": args.family}
+    if args.system == "exclusion":
+        from cgpyro.exclusion import FAMILIES, ExclusionSystem, simulate_exclusion_dataset
+
+        if args.capacity is not None:
+            params["capacity"] = args.capacity
+        if args.family is not None and args.family not in FAMILIES:
+            raise UsageError(f"simulate: argument --family: expected one of "
+                             f"{', '.join(FAMILIES)}, found {args.family!r}")
+        system = ExclusionSystem(**params)  # a ValueError names the rule
+        if args.bins > system.n_sites:
+            raise UsageError(f"simulate: argument --bins: expected at most {system.n_sites} "
+                             f"(the lattice sites), found {args.bins}")
+        dataset, _ = simulate_exclusion_dataset(
+            n_sequences=args.sequences, n_steps=args.steps, n_bins=args.bins, seed=args.seed,
+            system=system, device=args.device, progress=not args.quiet, **family)
+    else:
+        from cgpyro.systems import ParticleSystem, simulate_dataset
+
+        if args.capacity is not None:
+            raise UsageError("simulate: argument --capacity: only for --system exclusion")
+        if family and "family" not in inspect.signature(simulate_dataset).parameters:
+            raise UsageError("simulate: argument --family: only for --system exclusion")
+        n_sites = ParticleSystem(**params).n_sites
+        if args.bins > n_sites:
+            raise UsageError(
+                f"simulate: argument --bins: expected at most {n_sites} (the lattice "
+                f"sites), found {args.bins}"
+            )
+        dataset, _ = simulate_dataset(
+            n_sequences=args.sequences,
+            n_steps=args.steps,
+            n_particles=args.particles,
+            n_bins=args.bins,
+            seed=args.seed,
+            progress=not args.quiet,
+            **family,
+            **params,
         )
-    dataset, _ = simulate_dataset(
-        n_sequences=args.sequences,
-        n_steps=args.steps,
-        n_particles=args.particles,
-        n_bins=args.bins,
-        seed=args.seed,
-        progress=not args.quiet,
-    )
     path = save(dataset, args.out)
     print(
         f"wrote {path}: {dataset.n_sequences} sequences x {dataset.n_times} snapshots x "
@@ -151,9 +206,9 @@ RUN_FILES = ("config.json", "model.toml", "guide.toml", "train.npz", "checkpoint
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="training dataset (.npz or .nc)")
-    parser.add_argument("--model", default="particles_best",
+    parser.add_argument("--model", default="physics",
                         help="model spec: a name in models/ or a .toml path "
-                             "(default: particles_best)")
+                             "(default: physics)")
     parser.add_argument("--guide", default="lognormal",
                         help="guide spec: a name in guides/ or a .toml path (default: lognormal)")
     parser.add_argument("--steps", type=positive_int, default=None,
@@ -407,7 +462,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("report"), help="report directory")
-    parser.add_argument("--model", default="particles_best", help="model spec")
+    parser.add_argument("--model", default="physics", help="model spec (default: physics)")
     parser.add_argument("--guide", default="lognormal", help="guide spec")
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--particles", type=positive_int, default=250_000)
@@ -443,6 +498,47 @@ register(Command("predict", "infer CG states and forecast with uncertainty",
                  _configure_predict, _run_predict))
 register(Command("reproduce", "the seed's experiment end to end: figures and metrics",
                  _configure_reproduce, _run_reproduce))
+
+
+# -- curve -----------------------------------------------------------------------------------
+def _configure_curve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="training dataset (.npz/.nc)")
+    parser.add_argument("--test", type=Path, required=True,
+                        help="held-out dataset with more snapshots than --data (forecast from "
+                             "its first snapshots, scored on the rest)")
+    parser.add_argument("--sizes", default="1,2,4,8,16,64",
+                        help="comma-separated training-set sizes (default: 1,2,4,8,16,64)")
+    parser.add_argument("--model", default="physics", help="model spec (default: physics)")
+    parser.add_argument("--guide", default="lognormal", help="guide spec (default: lognormal)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="SVI steps per fit (default: the guide spec's)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--no-vo-variant", action="store_true",
+                        help="skip the variant without virtual observables")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+
+
+def _run_curve(args: argparse.Namespace) -> int:
+    _single_thread()
+    from cgpyro.curve import learning_curve, write_curve
+    from cgpyro.data import load
+
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"curve: argument --sizes: expected comma-separated integers, found "
+                         f"{args.sizes!r}") from None
+    out = _writable_dir(args.out)
+    rows = learning_curve(load(args.data), load(args.test), sizes, args.model, args.guide,
+                          steps=args.steps, seed=args.seed, with_no_vo=not args.no_vo_variant)
+    paths = write_curve(rows, out)
+    print((out / "curve.md").read_text())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return EXIT_OK
+
+
+register(Command("curve", "learning curve: forecast error against the number of training "
+                 "sequences", _configure_curve, _run_curve))
 
 
 # -- entry point -----------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def _svi_settings(guide):
 
 
 def run_paper_experiment(
-    model="particles_best",
+    model="physics",
     guide="lognormal",
     *,
     seed: int = 0,

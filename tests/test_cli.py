@@ -45,7 +45,7 @@ def test_simulate_quiet_has_no_progress_bar(tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "expected a command (simulate, train, predict, reproduce)"),
+        ([], "expected a command (simulate, train, predict, reproduce, curve)"),
         (["bogus"], "invalid choice: 'bogus'"),
         (["simulate"], "the following arguments are required: --out"),
         (["simulate", "--sequences", "0", *OUT], "--sequences: expected a positive integer"),
