@@ -165,3 +165,13 @@ def test_validation_names_the_rule():
         simulate_exclusion_dataset(1, 1, n_bins=2000)
     with pytest.raises(ValueError, match="initial_occupancy: expected non-negative"):
         ExclusionSystem(n_sites=8).simulate(1, 1, initial_occupancy=-np.ones(8, dtype=int))
+
+
+def test_dataset_spec_is_the_contract():
+    from cgpyro.datasets import load_dataset_spec
+
+    spec = load_dataset_spec("exclusion")
+    assert spec.system == "exclusion"
+    assert ExclusionSystem(**spec.system_params) == ExclusionSystem()
+    assert spec.sampling == {"n_sequences": 64, "n_steps": 40, "n_bins": 25, "seed": 0,
+                             "family": "fourier"}
