@@ -13,8 +13,8 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from tqdm import tqdm
 
+from ._progress import anneal_end, phase, progress_bar
 from ._threads import with_auto_threads
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataError, Dataset, validate
@@ -411,8 +411,8 @@ class SVIInference:
                                   f"steps={self.steps}: pass steps >= {self.step}")
         scale = counts.shape[0] * counts.shape[1]
         start = time.perf_counter()
-        bar = tqdm(total=self.steps, initial=self.step, disable=not self.progress,
-                   desc="SVI", unit="step", leave=False)
+        bar = progress_bar(self.steps, self.step, disable=not self.progress)  # log: 10 % lines
+        annealed_at = anneal_end(self.model.virtual_observables, self.steps)
         try:
             while self.step < self.steps and not self.converged:
                 self._anneal(self.step)
@@ -429,7 +429,7 @@ class SVIInference:
                 self._check_finite(loss)
                 bar.update(1)
                 if self.step % 50 == 0:
-                    bar.set_postfix(elbo=f"{-loss:.4g}")
+                    bar.set_postfix(loss=f"{loss:.4g}", sigma_c=phase(self.step, annealed_at))
                 self.converged = stop or self._has_converged(scale)
                 if self.checkpoint is not None and (self.step % self.checkpoint_every == 0):
                     self._save(optim)
