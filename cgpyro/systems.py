@@ -29,11 +29,18 @@ from cgpyro.data import Dataset
 from cgpyro.reference import bin_fractions, bin_of_site
 
 __all__ = [
+    "FAMILIES",
     "ParticleSystem",
     "Simulation",
+    "random_bumps_density",
+    "random_density",
     "random_smooth_density",
+    "random_steps_density",
     "simulate_dataset",
 ]
+
+#: Initial-condition families of ``random_density`` (and ``family=`` everywhere).
+FAMILIES = ("fourier", "bumps", "steps")
 
 _LUT_BITS = 16
 _LUT_SIZE = 1 << _LUT_BITS
@@ -164,6 +171,7 @@ class ParticleSystem:
         n_sequences: int,
         seed: int = 0,
         initial_density: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+        family: str = "fourier",
     ) -> np.ndarray:
         """Site probabilities the initial particles are drawn from, float64 (n_sequences, n_sites).
 
@@ -171,13 +179,16 @@ class ParticleSystem:
         a ``simulate`` call with the same arguments used).
         """
         _check_count(n_sequences, "n_sequences")
+        _check_family(family, initial_density)
         rngs = _sequence_rngs(seed, n_sequences)
-        return self._initial_densities(rngs, initial_density)
+        return self._initial_densities(rngs, initial_density, family)
 
-    def _initial_densities(self, rngs: list[np.random.Generator], initial_density) -> np.ndarray:
+    def _initial_densities(
+        self, rngs: list[np.random.Generator], initial_density, family: str = "fourier"
+    ) -> np.ndarray:
         n_seq, n = len(rngs), self.n_sites
         if initial_density is None:
-            return np.stack([random_smooth_density(rng, n) for rng in rngs])
+            return np.stack([random_density(rng, n, family) for rng in rngs])
         if callable(initial_density):
             values = np.asarray(initial_density(self.site_centers))
             if values.shape != (n,):
@@ -214,13 +225,14 @@ class ParticleSystem:
         return_positions: bool = False,
         progress: bool = False,
         n_workers: int | None = None,
+        family: str = "fourier",
     ) -> Simulation:
         """Simulate ``n_steps`` coarse steps of ``n_sequences`` independent sequences.
 
         Returns ``n_steps + 1`` snapshots per sequence (t = 0 included), ``coarse_dt`` apart.
 
-        initial_density: None draws a random smooth density per sequence
-            (``random_smooth_density``); an array (n_sites,) or (n_sequences, n_sites) of
+        initial_density: None draws a random density of ``family`` per sequence
+            (``random_density``); an array (n_sites,) or (n_sequences, n_sites) of
             non-negative weights, or a callable ``f(site_centers) -> (n_sites,)``, is normalized
             and used as given. Initial occupancy ~ Multinomial(n_particles, density), exactly.
         seed: non-negative int. Sequence i uses its own stream
@@ -232,15 +244,19 @@ class ParticleSystem:
             occupancy is identical with or without positions for the same seed.
         n_workers: threads over sequences (numpy releases the GIL in the heavy loops); default
             ``min(4, os.cpu_count(), n_sequences)``.
+        family: initial-condition family when ``initial_density`` is None, one of ``FAMILIES``:
+            "fourier" (default, ``random_smooth_density``), "bumps" (``random_bumps_density``),
+            "steps" (``random_steps_density``).
         """
         _check_count(n_sequences, "n_sequences")
+        _check_family(family, initial_density)
         if not _is_int(n_steps) or n_steps < 0:
             raise ValueError(f"n_steps: expected a non-negative integer, found {n_steps!r}")
         if n_workers is None:
             n_workers = min(4, os.cpu_count() or 1, n_sequences)
         _check_count(n_workers, "n_workers")
         rngs = _sequence_rngs(seed, n_sequences)
-        densities = self._initial_densities(rngs, initial_density)
+        densities = self._initial_densities(rngs, initial_density, family)
 
         n, n_part = self.n_sites, self.n_particles
         occupancy = np.empty((n_sequences, n_steps + 1, n), dtype=np.int64)
@@ -448,6 +464,122 @@ def random_smooth_density(
     return f / f.sum()
 
 
+def _site_phase(n_sites: int) -> np.ndarray:
+    """Angle 2 pi i / n_sites of every site, float64 (n_sites,): the periodic coordinate."""
+    return 2.0 * np.pi * np.arange(n_sites, dtype=np.float64) / n_sites
+
+
+def _periodic_distance(phase: np.ndarray, centre: float) -> np.ndarray:
+    """Signed angular distance to ``centre`` wrapped to [-pi, pi), same shape as ``phase``."""
+    return (phase - centre + np.pi) % (2.0 * np.pi) - np.pi
+
+
+def random_bumps_density(
+    rng: np.random.Generator,
+    n_sites: int,
+    max_bumps: int = 3,
+    floor: tuple[float, float] = (0.2, 0.5),
+    width: tuple[float, float] = (0.04, 0.12),
+) -> np.ndarray:
+    """A floor plus a few random periodic Gaussian bumps, site probabilities float64 (n_sites,).
+
+    ``f = c + sum_b h_b exp(-d_b^2 / (2 w_b^2))`` with the floor ``c ~ U(floor)``, 1 to
+    ``max_bumps`` bumps of height ``h_b ~ U(0.5, 2)``, centre uniform on the domain and width
+    ``w_b ~ U(width)`` as a fraction of the domain length (``d_b``: periodic distance to the
+    centre): localised features that a 3-mode Fourier density does not have. Returns
+    f / sum(f), positive everywhere (f >= c > 0).
+    """
+    _check_count(n_sites, "n_sites")
+    _check_count(max_bumps, "max_bumps")
+    _check_range(floor, "floor", positive=True)
+    _check_range(width, "width", positive=True)
+    phase = _site_phase(n_sites)
+    f = np.full(n_sites, rng.uniform(*floor))
+    for _ in range(int(rng.integers(1, max_bumps + 1))):
+        height = rng.uniform(0.5, 2.0)
+        centre = rng.uniform(0.0, 2.0 * np.pi)
+        w = rng.uniform(*width) * 2.0 * np.pi
+        f += height * np.exp(-0.5 * (_periodic_distance(phase, centre) / w) ** 2)
+    return f / f.sum()
+
+
+def random_steps_density(
+    rng: np.random.Generator,
+    n_sites: int,
+    max_plateaus: int = 4,
+    levels: tuple[float, float] = (0.2, 1.0),
+    front_width: tuple[float, float] = (0.01, 0.03),
+) -> np.ndarray:
+    """Smoothed random piecewise-constant plateaus, site probabilities float64 (n_sites,).
+
+    2 to ``max_plateaus`` plateaus between uniform random points of the periodic domain, at
+    levels ~ U(levels), joined by tanh fronts of width ~ U(front_width) x the domain length (a
+    25-bin CG cell is 0.04 of it, so the fronts are sharp on the CG scale and smooth on the
+    lattice). Returns f / sum(f), positive everywhere (f is a smooth interpolation between
+    adjacent levels, all >= ``levels[0]`` > 0).
+    """
+    _check_count(n_sites, "n_sites")
+    if not _is_int(max_plateaus) or max_plateaus < 2:
+        raise ValueError(f"max_plateaus: expected an integer >= 2, found {max_plateaus!r}")
+    _check_range(levels, "levels", positive=True)
+    _check_range(front_width, "front_width", positive=True)
+    phase = _site_phase(n_sites)
+    m = int(rng.integers(2, max_plateaus + 1))
+    edges = np.sort(rng.uniform(0.0, 2.0 * np.pi, m))
+    heights = rng.uniform(*levels, size=m)
+    w = rng.uniform(*front_width) * 2.0 * np.pi
+    f = np.zeros(n_sites)
+    for j in range(m):
+        start = edges[j]
+        end = edges[j + 1] if j + 1 < m else edges[0] + 2.0 * np.pi
+        # smoothed indicator of the arc [start, end), summed over the periodic images
+        for shift in (-2.0 * np.pi, 0.0, 2.0 * np.pi):
+            p = phase + shift
+            f += heights[j] * 0.5 * (np.tanh((p - start) / w) - np.tanh((p - end) / w))
+    # the smoothed arcs sum to 1 at every point, so f lies between adjacent levels; the clip only
+    # guards round-off
+    f = np.clip(f, 1e-3 * levels[0], None)
+    return f / f.sum()
+
+
+def random_density(rng: np.random.Generator, n_sites: int, family: str = "fourier") -> np.ndarray:
+    """A random initial density of ``family`` (``FAMILIES``), site probabilities (n_sites,).
+
+    "fourier": ``random_smooth_density``; "bumps": ``random_bumps_density``; "steps":
+    ``random_steps_density``, each with its defaults and the generator ``rng``.
+    """
+    _check_family(family)
+    if family == "fourier":
+        return random_smooth_density(rng, n_sites)
+    if family == "bumps":
+        return random_bumps_density(rng, n_sites)
+    return random_steps_density(rng, n_sites)
+
+
+def _check_family(family: object, initial_density: object = None) -> None:
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, found {family!r}")
+    if initial_density is not None and family != "fourier":
+        raise ValueError(
+            f"family: applies only when initial_density is None, found family={family!r} "
+            "with an initial_density"
+        )
+
+
+def _check_range(bounds: object, name: str, positive: bool = False) -> None:
+    ok = (
+        isinstance(bounds, tuple | list)
+        and len(bounds) == 2
+        and all(_is_real(x) and np.isfinite(x) for x in bounds)
+        and bounds[0] <= bounds[1]
+        and (not positive or bounds[0] > 0)
+    )
+    if not ok:
+        rule = "0 < lo <= hi" if positive else "lo <= hi"
+        raise ValueError(f"{name}: expected two finite numbers (lo, hi) with {rule}, "
+                         f"found {bounds!r}")
+
+
 @dataclass(eq=False)  # holds arrays: compare fields explicitly
 class Simulation:
     """The FG trajectories of ``ParticleSystem.simulate``.
@@ -513,13 +645,26 @@ def simulate_dataset(
     n_bins: int = 25,
     seed: int = 0,
     progress: bool = False,
+    *,
+    n_sites: int = 1280,
+    p_left: float = 0.1875,
+    p_right: float = 0.2125,
+    micro_steps: int = 1600,
+    family: str = "fourier",
     **system_kwargs,
 ) -> tuple[Dataset, Simulation]:
     """Simulate the reference system and bin it: ``(Dataset, Simulation)``.
 
-    ``system_kwargs`` go to ``ParticleSystem`` (e.g. ``n_sites``, ``p_left``).
+    Counts are int64 (n_sequences, n_steps + 1, n_bins). ``n_particles``, ``n_sites``,
+    ``p_left``, ``p_right``, ``micro_steps`` and ``system_kwargs`` (``micro_dt``, ``domain``)
+    go to ``ParticleSystem`` (defaults: the seed's section 3.1); ``family`` picks the random
+    initial densities (``FAMILIES``).
     """
-    system = ParticleSystem(n_particles=n_particles, **system_kwargs)
+    system = ParticleSystem(
+        n_particles=n_particles, n_sites=n_sites, p_left=p_left, p_right=p_right,
+        micro_steps=micro_steps, **system_kwargs,
+    )
     bin_of_site(system.n_sites, n_bins)  # fail before simulating
-    sim = system.simulate(n_sequences, n_steps, seed=seed, progress=progress)
+    _check_family(family)
+    sim = system.simulate(n_sequences, n_steps, seed=seed, progress=progress, family=family)
     return sim.to_dataset(n_bins), sim

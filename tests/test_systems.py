@@ -10,9 +10,11 @@ from scipy import stats
 
 from cgpyro.reference import bin_fractions, continuum_solution, propagate_expected
 from cgpyro.systems import (
+    FAMILIES,
     ParticleSystem,
     Simulation,
     _KernelSampler,
+    random_density,
     random_smooth_density,
     simulate_dataset,
 )
@@ -250,6 +252,91 @@ def test_given_initial_density_is_used():
     # the default draws a different smooth density for every sequence
     default = system.initial_densities(2, seed=0)
     assert not np.allclose(default[0], default[1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_densities_positive_normalised_reproducible(family):
+    system = ParticleSystem(n_particles=1_000)
+    a = system.initial_densities(8, seed=3, family=family)
+    assert a.shape == (8, 1280)
+    np.testing.assert_allclose(a.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
+    # every family keeps every site reachable: at least 0.1 x the uniform probability
+    assert a.min() > 0.1 / 1280, a.min() * 1280
+    np.testing.assert_array_equal(a, system.initial_densities(8, seed=3, family=family))
+    # sequence i is the same for any n_sequences > i (own stream per sequence)
+    np.testing.assert_array_equal(a[:3], system.initial_densities(3, seed=3, family=family))
+    assert not np.allclose(a, system.initial_densities(8, seed=4, family=family))
+    for i in range(1, 8):
+        assert np.abs(a[i] - a[0]).sum() > 0.05  # L1 between site distributions
+    # the initial occupancy is drawn from these densities
+    sim = system.simulate(8, 0, seed=3, family=family)
+    np.testing.assert_array_equal(sim.initial_density, a)
+
+
+def test_fourier_family_is_the_default_stream():
+    """family="fourier" is what the default always drew: random_smooth_density on the spawned
+    per-sequence streams, so datasets simulated before families existed are unchanged."""
+    system = ParticleSystem(n_particles=1_000)
+    children = np.random.SeedSequence(7).spawn(3)
+    expected = np.stack([random_smooth_density(np.random.default_rng(c), 1280) for c in children])
+    np.testing.assert_array_equal(system.initial_densities(3, seed=7), expected)
+    np.testing.assert_array_equal(system.initial_densities(3, seed=7, family="fourier"), expected)
+    default = system.simulate(3, 2, seed=7).occupancy
+    np.testing.assert_array_equal(system.simulate(3, 2, seed=7, family="fourier").occupancy,
+                                  default)
+
+
+def test_families_differ_in_shape():
+    """Fourier densities hold modes 1..3 only (share beyond mode 3 at round-off, < 1e-20);
+    bumps and steps put a share many orders above that beyond mode 3 (localised bumps, sharp
+    fronts; a single widest bump, 0.12 L, keeps ~1e-4). Steps sit mostly on plateaus:
+    over 40 % of the sites change by < 1e-4 of the range to their neighbour; a 3-mode profile
+    does so only near its extrema (< 10 % of the sites for these draws: 6 % at most)."""
+    system = ParticleSystem(n_particles=1_000)
+    draws = {f: system.initial_densities(16, seed=11, family=f) for f in FAMILIES}
+
+    def high_share(p):
+        power = np.abs(np.fft.rfft(p - p.mean(axis=-1, keepdims=True), axis=-1)) ** 2
+        return power[:, 4:].sum(axis=-1) / power.sum(axis=-1)
+
+    assert high_share(draws["fourier"]).max() < 1e-20
+    assert high_share(draws["bumps"]).min() > 1e-5
+    assert high_share(draws["steps"]).min() > 1e-3
+
+    def flat_share(p):
+        step = np.abs(np.diff(p, axis=-1, append=p[:, :1]))
+        return (step < 1e-4 * np.ptp(p, axis=-1, keepdims=True)).mean(axis=-1)
+
+    assert flat_share(draws["steps"]).min() > 0.4
+    assert flat_share(draws["fourier"]).max() < 0.1
+    assert not np.allclose(draws["bumps"], draws["steps"])
+
+
+def test_family_validation():
+    system = ParticleSystem(n_particles=10)
+    with pytest.raises(ValueError, match="family: expected one of fourier, bumps, steps, "
+                                         "found 'gauss'"):
+        system.simulate(2, 1, family="gauss")
+    with pytest.raises(ValueError, match="family: expected one of"):
+        random_density(np.random.default_rng(0), 10, family=None)
+    with pytest.raises(ValueError, match="family: applies only when initial_density is None"):
+        system.initial_densities(2, initial_density=np.ones(1280), family="bumps")
+    with pytest.raises(ValueError, match="family: expected one of"):
+        simulate_dataset(n_sequences=1, n_steps=1, n_particles=10, family="nope")
+
+
+def test_simulate_dataset_takes_system_parameters_and_family():
+    dataset, sim = simulate_dataset(
+        n_sequences=3, n_steps=2, n_particles=2_000, n_bins=8, seed=5, n_sites=320,
+        p_left=0.2, p_right=0.3, micro_steps=40, family="steps",
+    )
+    expected = ParticleSystem(n_particles=2_000, n_sites=320, p_left=0.2, p_right=0.3,
+                              micro_steps=40)
+    assert sim.system == expected
+    assert dataset.counts.shape == (3, 3, 8) and dataset.dt == pytest.approx(40 * 2.5e-3)
+    np.testing.assert_array_equal(sim.initial_density,
+                                  expected.initial_densities(3, seed=5, family="steps"))
+    np.testing.assert_array_equal(dataset.counts.sum(axis=-1), 2_000)
 
 
 @pytest.mark.parametrize(
