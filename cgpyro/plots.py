@@ -206,24 +206,39 @@ def plot_mass(forecast, sequence: int | None = None, ax=None, dt: float = 1.0):
 
 
 # --------------------------------------------------------------------------- training
-def plot_loss(loss_history, ax=None):
-    """Training loss (negative ELBO) per SVI step on a symmetric-log axis.
+def plot_loss(loss_history, ax=None, anneal_end: int | None = None):
+    """Training loss ``-ELBO`` (nats, lower is better) per SVI step on a symmetric-log axis.
 
     The loss of eq. 17 changes sign (its log-likelihood terms can be large and positive) and
-    spans orders of magnitude while σ_c is annealed, hence symlog (linear within ±1).
+    spans orders of magnitude while σ_c is annealed, hence symlog (linear within ±1). While σ_c
+    shrinks the objective itself changes every step, so a rise there is not a divergence: the
+    annealing steps are shaded, and only losses after them compare with each other.
+
     :param loss_history: ``(steps,)`` losses.
+    :param anneal_end: the step at which σ_c reaches its final value (see
+        ``cgpyro._progress.anneal_end``); ``None`` or 0: nothing shaded.
+    :returns: the axes (one line: the loss; one shaded span for the annealing phase).
     """
     loss = np.asarray(loss_history, dtype=np.float64)
     if loss.ndim != 1 or loss.size == 0:
         raise ValueError(f"loss_history must be a non-empty 1-D sequence, got shape {loss.shape}")
     if not np.isfinite(loss).all():
         raise ValueError("loss_history must be finite (training diverged?)")
+    if anneal_end is not None and (isinstance(anneal_end, bool)
+                                   or not isinstance(anneal_end, int | np.integer)
+                                   or anneal_end < 0):
+        raise ValueError(f"anneal_end must be None or a non-negative integer step, "
+                         f"got {anneal_end!r}")
     if ax is None:
         ax = _new_axes(1, 1, (6, 3.5))[0, 0]
-    ax.plot(np.arange(1, loss.size + 1), loss, lw=1)
+    ax.plot(np.arange(1, loss.size + 1), loss, lw=1, label="loss = −ELBO")
+    if anneal_end:
+        ax.axvspan(0.5, min(anneal_end, loss.size) + 0.5, color="0.88", lw=0, zorder=0,
+                   label="σ_c annealed (objective changes)")
+        ax.legend(fontsize="small")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.set_xlabel("SVI step")
-    ax.set_ylabel("loss (−ELBO)")
+    ax.set_ylabel("loss = −ELBO (nats)")
     return ax
 
 
@@ -293,7 +308,8 @@ def _fit_times(preferred, lo: int, hi: int, k: int) -> list[int]:
 
 
 def reproduce_figures(forecast, truth_fractions, sequence: int, dt: float, bin_edges,
-                      loss_history, out_dir: str | os.PathLike) -> list[Path]:
+                      loss_history, out_dir: str | os.PathLike,
+                      anneal_end: int | None = None) -> list[Path]:
     """Write the paper's Fig. 1-4 and the loss and calibration plots as PNG files.
 
     Files: ``fig1_density.png``, ``fig2_inferred_snapshots.png`` (t = 0, 5, 9 Δt),
@@ -303,6 +319,7 @@ def reproduce_figures(forecast, truth_fractions, sequence: int, dt: float, bin_e
     ``calibration.png`` (skipped unless the forecast kept samples).
 
     :param truth_fractions: ``(seq, time, bin)`` true fractions (may be shorter in time).
+    :param anneal_end: the step σ_c reaches its final value, shaded in ``loss.png``.
     :returns: the paths written, in that order.
     """
     _check_sequence(forecast, sequence)
@@ -339,7 +356,7 @@ def reproduce_figures(forecast, truth_fractions, sequence: int, dt: float, bin_e
 
     if loss_history is not None and len(loss_history):
         fig = Figure(figsize=(6, 3.5), layout="constrained")
-        plot_loss(loss_history, ax=fig.subplots())
+        plot_loss(loss_history, ax=fig.subplots(), anneal_end=anneal_end)
         save(fig, "loss.png")
 
     if forecast.samples_fractions is not None:

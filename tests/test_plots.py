@@ -132,6 +132,23 @@ def test_loss():
             plot_loss(bad)
 
 
+def test_loss_marks_the_annealing_phase():
+    history = np.r_[np.linspace(-1e8, -1e6, 850), np.linspace(1e5, 2e4, 1150)]
+    ax = plot_loss(history, anneal_end=1000)
+    (line,) = ax.lines
+    (span,) = ax.patches  # the shaded annealing steps
+    assert (span.get_x(), span.get_x() + span.get_width()) == (0.5, 1000.5)
+    assert ax.get_ylabel() == "loss = −ELBO (nats)"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels == ["loss = −ELBO", "σ_c annealed (objective changes)"]
+    assert not plot_loss(history, anneal_end=0).patches  # no annealing: nothing shaded
+    clipped = plot_loss(history[:10], anneal_end=50).patches[0]  # ends with the history
+    assert clipped.get_x() + clipped.get_width() == 10.5
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="anneal_end"):
+            plot_loss(history, anneal_end=bad)
+
+
 def test_empirical_coverage_is_nominal_for_calibrated_samples():
     rng = np.random.default_rng(1)
     samples, truth = rng.standard_normal((4000, 3000)), rng.standard_normal(3000)
@@ -164,7 +181,7 @@ def test_reproduce_figures(tmp_path):
     fc, truth = make_forecast()
     before = plt.get_fignums()
     paths = reproduce_figures(fc, truth, 0, 4.0, np.linspace(-1, 1, N_BINS + 1),
-                              [3.0, 2.0, 1.0], tmp_path / "report")
+                              [3.0, 2.0, 1.0], tmp_path / "report", anneal_end=2)
     names = ["fig1_density.png", "fig2_inferred_snapshots.png", "fig3_predicted_snapshots.png",
              "fig4_mass.png", "loss.png", "calibration.png"]
     assert [p.name for p in paths] == names
