@@ -1,9 +1,9 @@
 """Exact references for the lattice particle system: the oracle and the continuum limit.
 
 Everything here is deterministic. Site arrays have the site on the last axis; bin arrays have
-the bin on the last axis. Sites sit at the lattice points ``s_i = a + i * ds`` of the domain
-``[a, b)``; a site belongs to the equal-width CG bin that contains its lattice point, so with
-1,280 sites and 25 bins the bins hold 51 or 52 sites (1280 / 25 = 51.2).
+the bin on the last axis. Binning follows ``cgpyro.binning`` (a site belongs to the equal-width
+CG bin that contains its lattice point; 1,280 sites in 25 bins: 51 or 52 sites each), whose
+helpers are re-exported here.
 """
 
 from __future__ import annotations
@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+# The binning helpers live in cgpyro.binning (no import cycle with cgpyro.systems); their old
+# names stay importable from here.
+from cgpyro.binning import bin_fractions, bin_of_site, bin_starts
+from cgpyro.binning import check_bins as _check_bins
 
 if TYPE_CHECKING:  # the oracle only needs the system's kernel and constants
     from cgpyro.systems import ParticleSystem
@@ -24,49 +29,6 @@ __all__ = [
     "oracle_fractions",
     "propagate_expected",
 ]
-
-
-def _check_bins(n_sites: int, n_bins: int) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer):
-        raise ValueError(f"n_bins: expected an integer, found {type(n_bins).__name__}")
-    if not 1 <= n_bins <= n_sites:
-        raise ValueError(
-            f"n_bins: expected an integer between 1 and n_sites={n_sites} "
-            f"(every bin needs a site), found {n_bins}"
-        )
-
-
-def bin_of_site(n_sites: int, n_bins: int) -> np.ndarray:
-    """Bin index of every site, int64 (n_sites,): ``floor(i * n_bins / n_sites)``.
-
-    Integer arithmetic, so a lattice point on a bin edge always goes to the bin on its right
-    (bins are half-open ``[e_j, e_{j+1})``), with no float rounding.
-    """
-    _check_bins(n_sites, n_bins)
-    return (np.arange(n_sites, dtype=np.int64) * n_bins) // n_sites
-
-
-def bin_starts(n_sites: int, n_bins: int) -> np.ndarray:
-    """First site of every bin, int64 (n_bins,): ``ceil(j * n_sites / n_bins)``."""
-    _check_bins(n_sites, n_bins)
-    j = np.arange(n_bins, dtype=np.int64)
-    return (j * n_sites + n_bins - 1) // n_bins
-
-
-def bin_fractions(site_values: np.ndarray, n_bins: int) -> np.ndarray:
-    """Sum site values (..., n_sites) into ``n_bins`` equal-width bins -> (..., n_bins).
-
-    Sums, does not normalize: site fractions give bin fractions, site counts give bin counts
-    (the dtype is kept).
-    """
-    site_values = np.asarray(site_values)
-    if site_values.ndim < 1 or site_values.shape[-1] == 0:
-        raise ValueError(
-            f"site_values: expected shape (..., n_sites) with n_sites >= 1, "
-            f"found {site_values.shape}"
-        )
-    starts = bin_starts(site_values.shape[-1], n_bins)
-    return np.add.reduceat(site_values, starts, axis=-1)
 
 
 def _site_fractions(system: ParticleSystem, occupancy: np.ndarray, name: str) -> np.ndarray:

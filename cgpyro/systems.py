@@ -25,8 +25,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from cgpyro.binning import bin_fractions, bin_of_site
 from cgpyro.data import Dataset
-from cgpyro.reference import bin_fractions, bin_of_site
 
 __all__ = [
     "FAMILIES",
@@ -131,7 +131,7 @@ class ParticleSystem:
         """Lattice points ``a + i * ds``, float64 (n_sites,): where particles sit.
 
         Each is the centre of its site's cell ``[s_i - ds/2, s_i + ds/2)``; CG binning uses
-        these points (see ``cgpyro.reference.bin_of_site``).
+        these points (see ``cgpyro.binning.bin_of_site``).
         """
         return self.domain[0] + self.ds * np.arange(self.n_sites, dtype=np.float64)
 
