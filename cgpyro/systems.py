@@ -44,6 +44,8 @@ FAMILIES = ("fourier", "bumps", "steps")
 
 _LUT_BITS = 16
 _LUT_SIZE = 1 << _LUT_BITS
+# Particles moved per block in the occupancy-only path: bounds scratch memory (~26 B a particle).
+_PARTICLE_BLOCK = 1 << 20
 
 
 def _is_int(x: object) -> bool:
@@ -252,10 +254,96 @@ class ParticleSystem:
         _check_family(family, initial_density)
         if not _is_int(n_steps) or n_steps < 0:
             raise ValueError(f"n_steps: expected a non-negative integer, found {n_steps!r}")
+        if n_workers is not None:
+            _check_count(n_workers, "n_workers")
+        rngs = _sequence_rngs(seed, n_sequences)
+        bar = _progress_bar(n_sequences * n_steps, progress)
+        try:
+            occupancy, positions, densities = self._simulate_streams(
+                rngs, n_steps, initial_density, family, return_positions, bar, n_workers
+            )
+        finally:
+            bar.close()
+        return Simulation(
+            occupancy=occupancy,
+            system=self,
+            positions=positions,
+            initial_density=densities,
+            seed=seed,
+        )
+
+    def simulate_binned(
+        self,
+        n_sequences: int,
+        n_steps: int,
+        n_bins: int = 25,
+        seed: int = 0,
+        initial_density: np.ndarray | Callable[[np.ndarray], np.ndarray] | None = None,
+        family: str = "fourier",
+        chunk_size: int = 64,
+        progress: bool = False,
+        n_workers: int | None = None,
+    ) -> Dataset:
+        """Simulate and bin at scale, holding only ``chunk_size`` sequences' sites at a time.
+
+        Returns the ``Dataset`` with counts int64 (n_sequences, n_steps + 1, n_bins), identical
+        to ``simulate(...).to_dataset(n_bins)`` with the same arguments (every sequence has its
+        own stream, whatever the chunking). Memory is bounded in both sizes: the counts
+        (n_sequences x (n_steps + 1) x n_bins x 8 B), one chunk's site occupancy
+        (chunk_size x (n_steps + 1) x n_sites x 8 B, 27 MB for 64 x 41 x 1280) and per-worker
+        scratch of ~26 B per particle up to 2**20 particles (larger systems are moved in blocks
+        of 2**20 particles). Arguments as in ``simulate``; ``initial_density`` may be
+        (n_sequences, n_sites) and is sliced per chunk.
+        """
+        _check_count(n_sequences, "n_sequences")
+        if not _is_int(n_steps) or n_steps < 0:
+            raise ValueError(f"n_steps: expected a non-negative integer, found {n_steps!r}")
+        _check_count(chunk_size, "chunk_size")
+        _check_family(family, initial_density)
+        bin_of_site(self.n_sites, n_bins)  # validates n_bins before simulating
+        n = self.n_sites
+        per_sequence = False
+        if initial_density is not None and not callable(initial_density):
+            shape = np.shape(initial_density)
+            per_sequence = shape == (n_sequences, n)
+            if not per_sequence and shape != (n,):
+                raise ValueError(
+                    f"initial_density: expected shape ({n},) or ({n_sequences}, {n}), "
+                    f"found {shape}"
+                )
+        rngs = _sequence_rngs(seed, n_sequences)
+        counts = np.empty((n_sequences, n_steps + 1, n_bins), dtype=np.int64)
+        bar = _progress_bar(n_sequences * n_steps, progress)
+        try:
+            for lo in range(0, n_sequences, chunk_size):
+                hi = min(lo + chunk_size, n_sequences)
+                density = initial_density[lo:hi] if per_sequence else initial_density
+                occupancy, _, _ = self._simulate_streams(
+                    rngs[lo:hi], n_steps, density, family, False, bar, n_workers
+                )
+                counts[lo:hi] = bin_fractions(occupancy, n_bins)
+                rngs[lo:hi] = [None] * (hi - lo)  # a finished stream's state is not needed
+                del occupancy
+        finally:
+            bar.close()
+        a, b = self.domain
+        return Dataset(counts=counts, bin_edges=np.linspace(a, b, n_bins + 1), dt=self.coarse_dt)
+
+    def _simulate_streams(
+        self,
+        rngs: list[np.random.Generator],
+        n_steps: int,
+        initial_density,
+        family: str,
+        return_positions: bool,
+        bar,
+        n_workers: int | None,
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """One sequence per generator: (occupancy, positions or None, initial densities)."""
+        n_sequences = len(rngs)
         if n_workers is None:
             n_workers = min(4, os.cpu_count() or 1, n_sequences)
         _check_count(n_workers, "n_workers")
-        rngs = _sequence_rngs(seed, n_sequences)
         densities = self._initial_densities(rngs, initial_density, family)
 
         n, n_part = self.n_sites, self.n_particles
@@ -267,12 +355,6 @@ class ParticleSystem:
             else None
         )
         sampler = _KernelSampler.for_kernel(self.kernel(1))
-
-        from tqdm import tqdm
-
-        bar = tqdm(
-            total=n_sequences * n_steps, unit="step", desc="simulate", disable=not progress
-        )
         lock = threading.Lock()
 
         def tick() -> None:
@@ -285,26 +367,23 @@ class ParticleSystem:
                 rngs[i], sampler, occupancy[i], None if positions is None else positions[i], tick
             )
 
-        try:
-            if n_workers == 1:
-                for i in range(n_sequences):
-                    run(i)
-            else:
-                pool = ThreadPoolExecutor(max_workers=n_workers)
-                try:
-                    list(pool.map(run, range(n_sequences)))  # re-raises a worker's exception
-                finally:
-                    # On Ctrl-C or an error, drop the queued sequences instead of finishing them.
-                    pool.shutdown(wait=True, cancel_futures=True)
-        finally:
-            bar.close()
-        return Simulation(
-            occupancy=occupancy,
-            system=self,
-            positions=positions,
-            initial_density=densities,
-            seed=seed,
-        )
+        if n_workers == 1:
+            for i in range(n_sequences):
+                run(i)
+        else:
+            pool = ThreadPoolExecutor(max_workers=n_workers)
+            try:
+                list(pool.map(run, range(n_sequences)))  # re-raises a worker's exception
+            finally:
+                # On Ctrl-C or an error, drop the queued sequences instead of finishing them.
+                pool.shutdown(wait=True, cancel_futures=True)
+        return occupancy, positions, densities
+
+
+def _progress_bar(total: int, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", desc="simulate", disable=not progress)
 
 
 @lru_cache(maxsize=64)
@@ -384,42 +463,72 @@ def _simulate_sequence(
     n = sampler.n_sites
     n_part = int(occupancy[0].sum())
     sites = np.arange(n, dtype=np.intp)
-    index = np.empty(n_part, dtype=np.intp)
-    disp = np.empty(n_part, dtype=np.intp)
+    # Particles move in blocks of at most _PARTICLE_BLOCK (the same blocks with and without
+    # positions, so the occupancy does not depend on return_positions); without positions the
+    # scratch then does not grow with n_particles.
+    size = n_part if positions is not None else min(n_part, _PARTICLE_BLOCK)
+    index = np.empty(size, dtype=np.intp)
+    disp = np.empty(size, dtype=np.intp)
     pos = None
     if positions is not None:
         pos = np.repeat(sites, occupancy[0]).astype(positions.dtype)
         positions[0] = pos
     for t in range(1, occupancy.shape[0]):
-        # Slot j gets the j-th draw, slots in site order: particles are exchangeable, so
-        # only the multiset of (site, displacement) pairs matters for the occupancy.
-        sampler.draw_table(rng, index, disp)
         if pos is None:
-            disp += np.repeat(sites, occupancy[t - 1])
-            counts = np.bincount(disp, minlength=3 * n)
-            new = counts[:n] + counts[n : 2 * n]  # fold the periodic wrap
-            n_residual = counts[2 * n :]
-            m = int(n_residual.sum())
-            if m:
-                dest = sampler.draw_residual(rng, m) + np.repeat(sites, n_residual)
-                extra = np.bincount(dest, minlength=2 * n)
-                new += extra[:n] + extra[n:]
+            new = np.zeros(n, dtype=np.int64)
+            cum = np.concatenate(([0], np.cumsum(occupancy[t - 1])))
+            for lo in range(0, n_part, _PARTICLE_BLOCK):
+                hi = min(lo + _PARTICLE_BLOCK, n_part)
+                # particles lo..hi-1 in site order: how many of each site fall in the block
+                in_block = np.diff(np.clip(cum, lo, hi))
+                _move_block(rng, sampler, sites, in_block, index[: hi - lo], disp[: hi - lo], new)
         else:
-            # Same draws in the same site order as the occupancy-only path, so the occupancy
+            # Same draws in the same site order and blocks as _move_block, so the occupancy
             # does not depend on return_positions; stable radix sort keeps it cheap.
             order = np.argsort(pos, kind="stable")
-            residual = disp == sampler.sentinel
-            m = int(np.count_nonzero(residual))
-            if m:
-                disp[residual] = sampler.draw_residual(rng, m)
             moved = np.empty_like(pos)
-            moved[order] = (pos[order].astype(np.intp) + disp) % n
+            for lo in range(0, n_part, _PARTICLE_BLOCK):
+                hi = min(lo + _PARTICLE_BLOCK, n_part)
+                d = disp[lo:hi]
+                sampler.draw_table(rng, index[lo:hi], d)
+                residual = d == sampler.sentinel
+                m = int(np.count_nonzero(residual))
+                if m:
+                    d[residual] = sampler.draw_residual(rng, m)
+                block = order[lo:hi]
+                moved[block] = (pos[block].astype(np.intp) + d) % n
             pos = moved
             positions[t] = pos
             new = np.bincount(pos, minlength=n)
         assert new.sum() == n_part, "particle number changed during a coarse step"
         occupancy[t] = new
         tick()
+
+
+def _move_block(
+    rng: np.random.Generator,
+    sampler: _KernelSampler,
+    sites: np.ndarray,
+    occupancy: np.ndarray,
+    index: np.ndarray,
+    disp: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Move the ``occupancy.sum()`` particles of ``occupancy`` (n_sites,) one coarse step and add
+    their new occupancy to ``out`` (n_sites,); ``index`` and ``disp`` are scratch of that size."""
+    n = sampler.n_sites
+    # Slot j gets the j-th draw, slots in site order: particles are exchangeable, so only the
+    # multiset of (site, displacement) pairs matters for the occupancy.
+    sampler.draw_table(rng, index, disp)
+    disp += np.repeat(sites, occupancy)
+    counts = np.bincount(disp, minlength=3 * n)
+    out += counts[:n] + counts[n : 2 * n]  # fold the periodic wrap
+    n_residual = counts[2 * n :]
+    m = int(n_residual.sum())
+    if m:
+        dest = sampler.draw_residual(rng, m) + np.repeat(sites, n_residual)
+        extra = np.bincount(dest, minlength=2 * n)
+        out += extra[:n] + extra[n:]
 
 
 def _check_count(value: object, name: str) -> None:
