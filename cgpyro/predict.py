@@ -9,7 +9,6 @@ import pyro
 import torch
 from pyro import poutine
 
-from ._threads import with_auto_threads
 from .data import DataError
 from .guides import LogNormalGuide
 from .inference import NumericalError, _describe_invalid, _is_invalid_values, as_counts
@@ -51,7 +50,6 @@ class Forecast:
         return {"mean": self.mean, "lower": self.lower, "upper": self.upper, "mass": self.mass}
 
 
-@with_auto_threads  # one torch thread for small problems (issue 9)
 @torch.no_grad()
 def forecast(
     model,
@@ -61,8 +59,15 @@ def forecast(
     num_samples: int = 200,
     seed: int = 0,
     keep_samples: bool = False,
+    transition_noise: bool = False,
 ) -> Forecast:
     """Sample ``q(X_{0:T})``, roll the CG law ``horizon`` steps, and sample p_cf (Algorithm 1).
+
+    The bands come from Algorithm 1 (noisy rollouts, then p_cf). The forecast ``mean`` is the
+    average over draws of ``X_T`` of the *noise-free* continuation ``X_{t+1} = E[X_{t+1}|X_t]``
+    (``transition_noise=False``, default): for a linear mean law it has the same expectation as
+    the average of noisy rollouts without their Monte Carlo noise (which otherwise grows with
+    the horizon and shows up as mass error); ``transition_noise=True`` averages the noisy ones.
 
     :param model: a fitted :class:`~cgpyro.model.CGModel`.
     :param guide: the guide fitted to ``data``'s sequences (see
@@ -99,6 +104,14 @@ def forecast(
         raise NumericalError(f"forecast: {_describe_invalid(err)}; the trained parameters may "
                              "have diverged (see the loss history)") from None
     x, m = _collect(model, out, counts.shape[1], horizon)
+    if horizon and not transition_noise:
+        x = x.clone()
+        theta = {name: out[name] for name in model.priors() if name in out}
+        theta.update({k: v.to(x) for k, v in model.fixed.items()})
+        prev = x[:, :, counts.shape[1] - 1]
+        for t in range(counts.shape[1], counts.shape[1] + horizon):
+            prev = model.transition_mean(prev, theta, totals)
+            x[:, :, t] = prev
     frac = m / totals[:, None, None]
     q = torch.quantile(frac, torch.tensor([0.025, 0.975], dtype=frac.dtype, device=frac.device),
                        dim=0)
