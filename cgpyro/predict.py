@@ -60,6 +60,7 @@ def forecast(
     seed: int = 0,
     keep_samples: bool = False,
     transition_noise: bool = False,
+    epistemic: bool = False,
 ) -> Forecast:
     """Sample ``q(X_{0:T})``, roll the CG law ``horizon`` steps, and sample p_cf (Algorithm 1).
 
@@ -95,23 +96,35 @@ def forecast(
                         "(fit new sequences first: cgpyro.guides.guide_for_new_sequences)")
     totals = counts[:, 0].sum(-1)
     pyro.set_rng_seed(seed)
+    saved = dict(model.fixed)
+    drift = getattr(model.transition, "drift", None)
+    if epistemic:
+        if not hasattr(drift, "sample_linear"):
+            raise ValueError("epistemic=True needs a drift with a Gaussian posterior of its "
+                             "linear part (drift = 'flux')")
+        for name, value in drift.sample_linear(num_samples).items():
+            model.fixed[f"transition.drift.{name}"] = value.to(counts)
     try:
-        out = posterior_predictive(model, guide, num_samples, counts, forecast=int(horizon),
-                                   resample_observed=True)
-    except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
-        if not _is_invalid_values(err):
-            raise
-        raise NumericalError(f"forecast: {_describe_invalid(err)}; the trained parameters may "
-                             "have diverged (see the loss history)") from None
-    x, m = _collect(model, out, counts.shape[1], horizon)
-    if horizon and not transition_noise:
-        x = x.clone()
-        theta = {name: out[name] for name in model.priors() if name in out}
-        theta.update({k: v.to(x) for k, v in model.fixed.items()})
-        prev = x[:, :, counts.shape[1] - 1]
-        for t in range(counts.shape[1], counts.shape[1] + horizon):
-            prev = model.transition_mean(prev, theta, totals)
-            x[:, :, t] = prev
+        try:
+            out = posterior_predictive(model, guide, num_samples, counts, forecast=int(horizon),
+                                       resample_observed=True)
+        except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
+            if not _is_invalid_values(err):
+                raise
+            raise NumericalError(f"forecast: {_describe_invalid(err)}; the trained parameters "
+                                 "may have diverged (see the loss history)") from None
+        x, m = _collect(model, out, counts.shape[1], horizon)
+        if horizon and not transition_noise:
+            x = x.clone()
+            theta = {name: out[name] for name in model.priors() if name in out}
+            theta.update({k: v.to(x) for k, v in model.fixed.items()})
+            prev = x[:, :, counts.shape[1] - 1]
+            for t in range(counts.shape[1], counts.shape[1] + horizon):
+                prev = model.transition_mean(prev, theta, totals)
+                x[:, :, t] = prev
+    finally:
+        model.fixed.clear()
+        model.fixed.update(saved)
     frac = m / totals[:, None, None]
     q = torch.quantile(frac, torch.tensor([0.025, 0.975], dtype=frac.dtype, device=frac.device),
                        dim=0)

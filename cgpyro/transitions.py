@@ -501,6 +501,22 @@ class FluxDrift(nn.Module):
             Phi = self._features(x).reshape(-1, self._n_linear())
         return self._evidence_fit(Phi.T @ Phi, Phi.T @ y, y @ y, y.numel())
 
+    def sample_linear(self, num_samples: int) -> dict[str, torch.Tensor]:
+        """Draws of ``jumps`` ``(S, 1, 2·radius)`` and ``delta`` ``(S, 1, B, 2c)`` from the
+        empirical-Bayes Gaussian posterior of the last :meth:`initial_fit` (``S`` =
+        ``num_samples``; the singleton axis broadcasts over sequences)."""
+        if getattr(self, "posterior", None) is None:
+            raise ValueError("sample_linear needs initial_fit() first (fit the model)")
+        m, L = self.posterior
+        eps = torch.randn(num_samples, m.shape[0], dtype=m.dtype)
+        w = (m + eps @ L.T).unsqueeze(1)
+        nj = 2 * self.radius
+        out = {"jumps": w[..., :nj]}
+        if self.correction_radius:
+            out["delta"] = w[..., nj:].reshape(num_samples, 1, self.n_bins,
+                                               2 * self.correction_radius)
+        return out
+
     def _n_linear(self) -> int:
         return 2 * self.radius + self.n_bins * 2 * self.correction_radius
 
@@ -540,6 +556,11 @@ class FluxDrift(nn.Module):
             if not torch.isfinite(log_h).all():
                 log_h.zero_()
             _, m, alpha = neg_evidence()
+            # Gaussian posterior of the linear part (exact given the scales): for forecasts
+            # with epistemic uncertainty (:meth:`sample_linear`).
+            H = torch.diag(alpha) + log_h[2].exp() * G
+            cov = torch.cholesky_inverse(torch.linalg.cholesky(H))
+            self.posterior = (m.clone(), torch.linalg.cholesky(0.5 * (cov + cov.T)))
         values = {"jump_scale": alpha[0].rsqrt(), "jumps": m[:nj].clone()}
         if self.correction_radius:
             values["correction_scale"] = alpha[-1].rsqrt()

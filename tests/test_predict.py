@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from cgpyro.inference import SVIInference
 from cgpyro.predict import forecast, sample_positions
@@ -103,3 +104,33 @@ def test_users_own_predictive_survives_its_prior_probe(long_run):
                                                        resample_observed=True)
     assert out["X_forecast"].shape[-2:] == (100, 25)
     assert torch.isfinite(out["X_forecast"]).all()
+
+
+def test_epistemic_bands_widen_with_fewer_training_sequences():
+    """θ drawn from the empirical-Bayes posterior: the forecast spread of one training sequence
+    exceeds that of 32 (the posterior of the jumps narrows like 1/sqrt(n))."""
+    from cgpyro.specs import load_model
+    from cgpyro.systems import simulate_dataset
+
+    data, _ = simulate_dataset(n_sequences=33, n_steps=9, n_particles=20_000, n_bins=10, seed=0)
+    counts = data.counts
+    spread = {}
+    for n in (1, 32):
+        model = load_model("physics", n_bins=10)
+        inference = SVIInference(model, steps=30, progress=False).fit(counts[:n])
+        fixed = dict(model.fixed)
+        f = forecast(model, inference.guide, counts[:n], 10, num_samples=100, keep_samples=True,
+                     epistemic=True)
+        assert model.fixed.keys() == fixed.keys()  # the draws were temporary
+        assert all(torch.equal(model.fixed[k], fixed[k]) for k in fixed)
+        plain = forecast(model, inference.guide, counts[:n], 10, num_samples=100,
+                         keep_samples=True)
+        spread[n] = (f.samples_x[:, :, -1].std(0).mean(), plain.samples_x[:, :, -1].std(0).mean())
+    assert spread[1][0] > 1.5 * spread[1][1]  # θ uncertainty dominates with one sequence
+    assert spread[1][0] > 1.5 * spread[32][0]
+
+
+def test_epistemic_needs_a_flux_drift(fitted):
+    model, inference, counts = fitted
+    with pytest.raises(ValueError, match="epistemic=True needs a drift"):
+        forecast(model, inference.guide, counts, 2, epistemic=True)
