@@ -297,6 +297,7 @@ class SVIInference:
         callbacks: Sequence[Callable] = (),
         checkpoint: str | Path | None = None,
         checkpoint_every: int = 500,
+        batch_size: int | None = None,
         elbo: str = "analytic",
         config: dict | None = None,
     ):
@@ -338,6 +339,11 @@ class SVIInference:
         self.callbacks = list(callbacks)
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.checkpoint_every = int(checkpoint_every)
+        if batch_size is not None and (isinstance(batch_size, bool)
+                                       or not isinstance(batch_size, int | np.integer)
+                                       or batch_size < 1):
+            raise ValueError(f"batch_size must be None or a positive integer, got {batch_size!r}")
+        self.batch_size = None if batch_size is None else int(batch_size)
         self.config = dict(config or {})
         self.guide = None
         self.loss_history: list[float] = []
@@ -410,6 +416,13 @@ class SVIInference:
             raise CheckpointError(f"checkpoint {resume} is at step {self.step}, beyond "
                                   f"steps={self.steps}: pass steps >= {self.step}")
         scale = counts.shape[0] * counts.shape[1]
+        # Minibatch SVI over sequences: the plate scales the batch's terms by n / batch_size.
+        subsample = self.batch_size if self.batch_size and self.batch_size < len(counts) \
+            else None
+        if subsample and not hasattr(self.guide, "prefix") \
+                and not hasattr(self.guide, "features"):
+            raise ValueError("batch_size needs the lognormal or amortized guide (autoguides "
+                             "see every sequence at each step)")
         start = time.perf_counter()
         bar = progress_bar(self.steps, self.step, disable=not self.progress)  # log: 10 % lines
         annealed_at = anneal_end(self.model.virtual_observables, self.steps)
@@ -417,7 +430,7 @@ class SVIInference:
             while self.step < self.steps and not self.converged:
                 self._anneal(self.step)
                 try:
-                    loss = svi.step(counts)
+                    loss = svi.step(counts, subsample_size=subsample)
                 except ValueError as err:  # Pyro's argument validation met NaN/inf in the model
                     if not _is_invalid_values(err):
                         raise

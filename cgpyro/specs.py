@@ -64,7 +64,8 @@ Guide spec (``guides/NAME.toml``)::
     rank = 10                        # auto, lowrank: rank of the covariance factor
     [svi]                            # keyword arguments of SVIInference (absent: its default)
     steps = 2000                     # also: lr, lr_theta, lr_final_factor, num_particles, tol,
-    lr = 0.01                        #       window, elbo, warm_start, checkpoint_every
+    lr = 0.01                        #       window, elbo, warm_start, checkpoint_every,
+    batch_size = 256                 #       minibatch of sequences per step (absent: all)
 
 Usage: ``SVIInference(model, guide=spec.factory, **spec.svi)`` or ``spec.inference(model)``.
 """
@@ -135,7 +136,7 @@ GUIDE_KEYS = {
     "auto": ("kind", "family", "rank"),
 }
 SVI_KEYS = ("steps", "lr", "lr_theta", "lr_final_factor", "num_particles", "tol", "window",
-            "elbo", "warm_start", "checkpoint_every")
+            "elbo", "warm_start", "checkpoint_every", "batch_size")
 _SVI_PARAMS = inspect.signature(SVIInference.__init__).parameters
 assert all(k in _SVI_PARAMS for k in SVI_KEYS), "SVI_KEYS out of sync with SVIInference"
 
