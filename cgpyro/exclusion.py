@@ -381,10 +381,13 @@ class _BinomialTable:
         self.residual_cdf = torch.as_tensor(np.cumsum(residual, -1), device=device)
 
     def sample(self, n: torch.Tensor, j: torch.Tensor | int, raw: torch.Tensor,
-               generator: torch.Generator) -> torch.Tensor:
-        """Draws int64 shaped like ``n``; ``raw`` holds >= ``bits`` uniform bits per element."""
-        over = n > self.n_max
-        any_over = bool(over.any())
+               generator: torch.Generator, may_overflow: bool = True) -> torch.Tensor:
+        """Draws int64 shaped like ``n``; ``raw`` holds >= ``bits`` uniform bits per element.
+
+        ``may_overflow=False`` promises ``n <= n_max`` (skips that check).
+        """
+        over = n > self.n_max if may_overflow else None
+        any_over = may_overflow and bool(over.any())
         key_n = n.clamp(max=self.n_max) if any_over else n
         key = key_n if self.n_p == 1 else j * (self.n_max + 1) + key_n
         idx = (key << self.bits) | (raw & ((1 << self.bits) - 1))
@@ -454,13 +457,16 @@ class _Stepper:
         raw = torch.randint(0, 1 << self.total_bits, n.shape, generator=generator,
                             device=n.device)
         b0, b1, b2, _ = self.bits
-        tries_left = self.left.sample(n, 0, raw, generator)
-        tries_right = self.right.sample(n - tries_left, 0, raw >> b0, generator)
+        # one reduction decides whether any count can exceed a table (almost never)
+        big = int(n.max()) > min(self.left.n_max, self.accept.n_max)
+        tries_left = self.left.sample(n, 0, raw, generator, big)
+        tries_right = self.right.sample(n - tries_left, 0, raw >> b0, generator, big)
         # target occupancies at the start of the step; n >= K accepts nothing
-        m_left = torch.roll(n, 1, -1).clamp(max=self.K)
-        m_right = torch.roll(n, -1, -1).clamp(max=self.K)
-        go_left = self.accept.sample(tries_left, m_left, raw >> (b0 + b1), generator)
-        go_right = self.accept.sample(tries_right, m_right, raw >> (b0 + b1 + b2), generator)
+        m_left = torch.roll(n, 1, -1).clamp_(max=self.K)
+        m_right = torch.roll(n, -1, -1).clamp_(max=self.K)
+        go_left = self.accept.sample(tries_left, m_left, raw >> (b0 + b1), generator, big)
+        go_right = self.accept.sample(tries_right, m_right, raw >> (b0 + b1 + b2), generator,
+                                      big)
         arrive_from_right = torch.roll(go_left, -1, -1)
         new = n - go_left - go_right + arrive_from_right + torch.roll(go_right, 1, -1)
         return (new, go_right - arrive_from_right) if return_flux else new
