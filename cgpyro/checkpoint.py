@@ -10,19 +10,23 @@ checked for type and shape on load, so a damaged file gives one :class:`Checkpoi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import pickle
 import random
+import stat
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import pyro
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["CheckpointError", "available_memory", "load_checkpoint", "plain", "rng_state",
+           "save_checkpoint", "set_rng_state"]
 
 
 class CheckpointError(ValueError):
@@ -44,10 +48,22 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     except OSError as err:
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
     except RuntimeError as err:  # torch.save reports a failed write (e.g. disk full) this way
+        if _disk_full(path.parent):  # torch says "enforce fail at inline_container.cc"
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
         raise OSError(f"{path}: cannot write ({' '.join(str(err).split())})") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _disk_full(folder: Path, margin: int = 2**20) -> bool:
+    """Less than ``margin`` bytes free where a write just failed (the partial file still
+    holds its space at this point)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < margin
 
 
 def _umask() -> int:
@@ -90,8 +106,32 @@ def _optim_state(optim) -> dict:
     return {**pending, **optim.get_state()}
 
 
+def plain(obj, where: str = "checkpoint"):
+    """``obj`` with NumPy scalars and arrays turned into Python numbers and lists, so that the
+    safe loader (``weights_only=True``) reads back everything that was written (a NumPy bool in
+    a checkpoint made a run unreadable). Anything else that is not a tensor, number, string,
+    ``None``, list or dict is a ``TypeError`` at write time, never a surprise at load time."""
+    if isinstance(obj, torch.Tensor) or obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, dict):
+        return {plain(k, where): plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    raise TypeError(f"{where}: cannot store a {type(obj).__name__} in a checkpoint (tensors, "
+                    "numbers, strings, lists and dicts only)")
+
+
 def save_checkpoint(path, *, step: int, optim, loss_history, config: dict, extra=None) -> None:
-    """Write the param store, optimizer state, RNG states, step and config to ``path``."""
+    """Write the param store, optimizer state, RNG states, step and config to ``path``.
+
+    ``config`` and ``extra`` are stored as plain Python types (see :func:`plain`).
+    """
     store = pyro.get_param_store()
     payload = {
         "format": "cgpyro-checkpoint-1",
@@ -100,8 +140,8 @@ def save_checkpoint(path, *, step: int, optim, loss_history, config: dict, extra
         "optim": _to_cpu(_optim_state(optim)),
         "rng": rng_state(),
         "loss_history": [float(x) for x in loss_history],
-        "config": config,
-        "extra": extra or {},
+        "config": plain(config, "config"),
+        "extra": plain(extra or {}, "extra"),
     }
     payload["sha256"] = _digest(payload)
     atomic_write(path, lambda tmp: torch.save(payload, tmp))
@@ -143,18 +183,57 @@ def _to_cpu(obj):
     return obj
 
 
-def load_checkpoint(path) -> dict:
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``; else physical
+    memory; 2**62 where neither is known)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**62
+
+
+def gib(n_bytes: float) -> str:
+    """``n_bytes`` for a message: ``'3.2 GiB'`` / ``'40 MiB'``."""
+    return f"{n_bytes / 2**30:.1f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def _unpacked_size(path: Path) -> int:
+    """Bytes the tensors of a (zip-format) checkpoint take once read; 0 if not a zip."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return 0  # not a zip: torch.load reports the damage below
+
+
+def load_checkpoint(path, max_bytes: int | None = None) -> dict:
     """Read a checkpoint safely; :class:`CheckpointError` names what is wrong.
 
     Loading uses ``torch.load(..., weights_only=True)`` (no code from the file is run), then
     checks the digest and every entry's type, so whatever the file holds the caller gets a
-    well-formed payload or one ``CheckpointError`` line.
+    well-formed payload or one ``CheckpointError`` line. A file that would unpack to more than
+    ``max_bytes`` (default: half the available memory) is refused before reading: a small
+    compressed file can hold a huge tensor.
     """
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path}: is a directory, expected a file")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path}: no such file")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or device would hang or never end
+        raise CheckpointError(f"checkpoint {path}: not a regular file")
+    size = _unpacked_size(path)
+    limit = available_memory() // 2 if max_bytes is None else max_bytes
+    if size > limit:
+        raise CheckpointError(f"checkpoint {path}: holds {gib(size)} of tensors, more than the "
+                              f"{gib(limit)} allowed (half the available memory)")
     try:
         with warnings.catch_warnings():  # torch warns about odd pickle protocols in damaged files
             warnings.simplefilter("ignore")

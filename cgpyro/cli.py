@@ -201,23 +201,36 @@ register(Command("simulate", "simulate the reference FG system and write CG bin 
 
 
 # -- train / predict / reproduce -------------------------------------------------------------
-RUN_FILES = ("config.json", "model.toml", "guide.toml", "train.npz", "checkpoint.pt")
+def _memory_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-memory-check", action="store_true",
+                        help="read and train even when the estimated memory exceeds what is "
+                             "available (default: refuse such inputs up front)")
 
 
 def _configure_train(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="training dataset (.npz or .nc)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="training dataset (.npz or .nc); required with --out, optional "
+                             "with --resume (then checked against the run's train.npz)")
     parser.add_argument("--model", default="physics",
                         help="model spec: a name in models/ or a .toml path "
                              "(default: physics)")
     parser.add_argument("--guide", default="lognormal",
                         help="guide spec: a name in guides/ or a .toml path (default: lognormal)")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="total SVI steps (default: the guide spec's)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+                        help="total SVI steps (default: the guide spec's; with --resume the "
+                             "run's, more extends a finished run)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="random seed of a new run (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="torch device (default: cpu, or the run's with --resume)")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--out", type=Path, help="new run directory")
+    where.add_argument("--out", type=Path, help="new run directory (empty or missing)")
     where.add_argument("--resume", type=Path, help="continue the run in this directory")
+    parser.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
+                        help="with --resume: a constraint module named by the run's model.toml "
+                             "that may be imported although it is not an installed package "
+                             "(repeatable; '*' for any)")
+    _memory_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -234,77 +247,40 @@ def _writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-def _check_run_dir(run: Path, flag: str) -> None:
-    if not run.is_dir():
-        raise ValueError(f"{flag} {run}: no such run directory")
-    missing = [f for f in RUN_FILES if not (run / f).is_file()]
-    if missing:
-        raise ValueError(f"{flag} {run}: not a run directory (missing {', '.join(missing)})")
+class _StepBoundarySignals:
+    """Ctrl-C (SIGINT) and SIGTERM (a batch system's time limit) during training stop it at
+    the end of the current step, so that the checkpoint written on interrupt holds a
+    consistent state. The first signal is remembered and acted on at the next step boundary
+    (also when it comes while the first step is being prepared); later ones are ignored until
+    the checkpoint is saved. Outside training the previous handlers apply."""
 
+    def __init__(self):
+        self.pending = False
+        self.previous: dict = {}
 
-def _read_config(run: Path) -> dict:
-    """The run's ``config.json``, checked key by key (a damaged file is one error line)."""
-    import json
+    def install(self, inference) -> None:
+        import signal
+        import threading
 
-    path = run / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{path}: cannot read the run's configuration "
-                         f"({' '.join(str(exc).split())})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
-
-    def is_int(x, low):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-    rules = {
-        "data_shape": (lambda v: isinstance(v, list) and len(v) == 3
-                       and all(is_int(n, 1) for n in v), "a list of 3 positive integers"),
-        "steps": (lambda v: is_int(v, 1), "a positive integer"),
-        "seed": (lambda v: is_int(v, 0) and v < 2**32, "an integer in [0, 2**32)"),
-        "device": (lambda v: v in ("cpu", "cuda"), "'cpu' or 'cuda'"),
-    }
-    for key, (ok, rule) in rules.items():
-        if key not in config:
-            raise ValueError(f"{path}: missing key {key!r}")
-        if not ok(config[key]):
-            raise ValueError(f"{path}: {key}: expected {rule}, found {config[key]!r}"[:300])
-    return config
-
-
-def _sigint_at_step_boundary(inference_callbacks: list):
-    """Defer Ctrl-C (SIGINT) and SIGTERM (a batch system's time limit) during SVI to the end
-    of the current step, so the checkpoint written on interrupt holds a consistent state (all
-    parameters of one step updated, or none). A second signal, or one outside the training
-    loop, interrupts at once. Returns ``restore()``."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    state = {"training": False, "pending": False}
-
-    def handler(signum, frame):
-        if state["training"] and not state["pending"]:
-            state["pending"] = True
+        if threading.current_thread() is not threading.main_thread():
             return
-        raise KeyboardInterrupt
+        inference.callbacks.insert(0, self._at_step_end)  # first: before any other callback
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in signals}
 
-    def at_step_end(step, loss, inference):
-        state["training"] = True
-        if state["pending"]:
+    def _handler(self, signum, frame) -> None:
+        self.pending = True  # acted on at the step boundary; repeats change nothing
+
+    def _at_step_end(self, step, loss, inference) -> None:
+        if self.pending:
             raise KeyboardInterrupt
 
-    signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
-    inference_callbacks.append(at_step_end)
+    def restore(self) -> None:
+        import signal
 
-    def restore():
-        for sig, old in previous.items():
+        for sig, old in self.previous.items():
             signal.signal(sig, old)
-
-    return restore
+        self.previous = {}
 
 
 def _single_thread() -> None:
@@ -317,112 +293,85 @@ def _single_thread() -> None:
         torch.set_num_threads(1)
 
 
+def _max_bytes(args: argparse.Namespace) -> int | None:
+    return 2**62 if getattr(args, "no_memory_check", False) else None
+
+
 def _run_train(args: argparse.Namespace) -> int:
     _single_thread()
-    import json
-
-    import numpy as np
-
     from cgpyro import data as cgdata
-    from cgpyro.checkpoint import atomic_write
-    from cgpyro.inference import SVIInference
-    from cgpyro.specs import load_guide, load_model
+    from cgpyro.run import Run
 
-    dataset = cgdata.load(args.data)
+    max_bytes = _max_bytes(args)
     if args.resume is not None:
-        run = args.resume
-        _check_run_dir(run, "--resume")
-        config = _read_config(run)
-        if list(dataset.counts.shape) != config["data_shape"]:
-            raise ValueError(f"--resume {run}: the run was trained on data of shape "
-                             f"{tuple(config['data_shape'])}, --data has {dataset.counts.shape}")
-        trained_on = cgdata.load(run / "train.npz")
-        if not np.array_equal(trained_on.counts, dataset.counts):
-            raise ValueError(f"--resume {run}: --data {args.data} has the shape of the run's "
-                             f"data but other counts than {run / 'train.npz'}; resume with the "
-                             "data the run was started on")
-        steps = args.steps or config["steps"]
-        seed, device = config["seed"], args.device or config["device"]
-        model_path, guide_path = run / "model.toml", run / "guide.toml"
+        run = Run.open(args.resume, device=args.device, writable=True,
+                       allow_import=args.allow_import, max_bytes=max_bytes)
+        if args.data is not None:
+            run.check_data(cgdata.load(args.data, max_bytes=max_bytes),
+                           f"--data {args.data}")
     else:
-        run = _writable_dir(args.out)
-        if (run / "checkpoint.pt").exists():
-            raise ValueError(f"--out {run}: already holds a trained run (checkpoint.pt); "
-                             f"continue it with --resume {run}, or choose a new directory")
-        model_path, guide_path = args.model, args.guide
-        seed, device = args.seed, args.device
-        steps = None
-    model = load_model(model_path, n_bins=dataset.n_bins)
-    guide_spec = load_guide(guide_path)
-    svi = dict(guide_spec.svi)
-    steps = steps or args.steps or svi.get("steps", 2000)
-    svi["steps"] = steps
-    config = {"data_shape": list(dataset.counts.shape), "steps": steps, "seed": seed,
-              "device": device, "dt": dataset.dt, "bin_edges": dataset.bin_edges.tolist(),
-              "model_spec": model.spec.name, "guide_spec": guide_spec.name}
-    def write_text(path: Path, text: str) -> None:  # atomic: a crash leaves the old file
-        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-    if args.resume is None:
-        write_text(run / "model.toml", model.spec.source)
-        write_text(run / "guide.toml", guide_spec.source)
-        cgdata.save(dataset, run / "train.npz")
-        write_text(run / "config.json", json.dumps(config, indent=2))
-    callbacks: list = []
-    inference = SVIInference(model, guide=guide_spec.factory, seed=seed, device=device,
-                             checkpoint=run / "checkpoint.pt", config=config,
-                             progress=not args.quiet, callbacks=callbacks, **svi)
-    resume = run / "checkpoint.pt" if args.resume is not None else None
-    restore = _sigint_at_step_boundary(inference.callbacks)
-    try:
-        inference.fit(dataset, resume=resume)
-    except KeyboardInterrupt:
-        if (run / "checkpoint.pt").is_file():
-            raise KeyboardInterrupt(
-                f"interrupted at step {inference.step}; checkpoint saved in "
-                f"{run / 'checkpoint.pt'}; continue with: cgpyro train --resume {run} "
-                f"--data {args.data}") from None
-        raise
-    finally:
-        restore()
-    write_text(run / "config.json", json.dumps(config, indent=2))
+        if args.data is None:
+            raise UsageError("train: argument --data: required with --out")
+        if args.allow_import:
+            raise UsageError("train: argument --allow-import: only with --resume (a new run "
+                             "imports the constraints of the spec you name)")
+        out = _writable_dir(args.out)
+        run = Run.create(out, args.data, args.model, args.guide, steps=args.steps,
+                         seed=args.seed, device=args.device or "cpu", max_bytes=max_bytes)
+    signals = _StepBoundarySignals()
+    with run:
+        try:
+            inference = run.fit(steps=args.steps if args.resume is not None else None,
+                                progress=not args.quiet, on_start=signals.install,
+                                max_bytes=max_bytes)
+        except KeyboardInterrupt:
+            inference = run.inference
+            if inference is not None and run.checkpoint.is_file():
+                raise KeyboardInterrupt(
+                    f"interrupted at step {inference.step}; checkpoint saved in "
+                    f"{run.checkpoint}; continue with: cgpyro train --resume {run.path}"
+                ) from None
+            raise
+        finally:
+            signals.restore()
     print(f"trained {inference.step} steps in {inference.fit_seconds:.1f} s; "
-          f"final loss {inference.loss_history[-1]:.6g}; run saved in {run}")
+          f"final loss {inference.loss_history[-1]:.6g}; run saved in {run.path}")
     return EXIT_OK
 
 
-def load_run(run: Path, device: str = "cpu"):
-    """``(model, inference, train_dataset, config)`` of a run directory, trained state restored."""
+def load_run(run: Path, device: str = "cpu", allow_import=()):
+    """``(model, inference, train_dataset, config)`` of a run directory, trained state restored.
 
-    from cgpyro import data as cgdata
-    from cgpyro.inference import SVIInference
-    from cgpyro.specs import load_guide, load_model
+    Kept for existing callers; :meth:`cgpyro.run.Run.open` is the API."""
+    from cgpyro.run import Run
 
-    _check_run_dir(run, "--run")
-    config = _read_config(run)
-    train = cgdata.load(run / "train.npz")
-    if list(train.counts.shape) != config["data_shape"]:
-        raise ValueError(f"--run {run}: train.npz has shape {train.counts.shape}, config.json "
-                         f"says {tuple(config['data_shape'])}")
-    model = load_model(run / "model.toml", n_bins=train.n_bins)
-    guide_spec = load_guide(run / "guide.toml")
-    svi = {**guide_spec.svi, "steps": config["steps"]}
-    inference = SVIInference(model, guide=guide_spec.factory, seed=config["seed"], device=device,
-                             progress=False, config=config, **svi)
-    inference.load(train, run / "checkpoint.pt")
-    return model, inference, train, config
+    opened = Run.open(run, device=device, allow_import=allow_import)
+    return opened.model, opened.load(), opened.train, opened.config
 
 
 def _configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="run directory from `train`")
-    parser.add_argument("--data", type=Path, required=True, help="observed sequences (.npz/.nc)")
+    parser.add_argument("--data", type=Path, required=True,
+                        help="observed sequences to forecast from (.npz or .nc), on the run's "
+                             "bins and dt")
     parser.add_argument("--horizon", type=positive_int, required=True,
                         help="coarse steps to forecast past the last snapshot")
     parser.add_argument("--samples", type=positive_int, default=200,
-                        help="posterior samples (default: 200)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--out", type=output_file((".npz",)), required=True, help="pred.npz")
+                        help="posterior samples, at least 2 (default: 200)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="random seed of the posterior samples (default: 0)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="torch device (default: cpu)")
+    parser.add_argument("--allow-other-grid", action="store_true",
+                        help="forecast data whose dt or bin edges differ from the training "
+                             "data's (default: refuse)")
+    parser.add_argument("--allow-import", action="append", default=[], metavar="MODULE",
+                        help="a constraint module named by the run's model.toml that may be "
+                             "imported although it is not an installed package (repeatable; "
+                             "'*' for any)")
+    _memory_flag(parser)
+    parser.add_argument("--out", type=output_file((".npz",)), required=True,
+                        help="output file (.npz): forecast samples and summaries")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -431,24 +380,17 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     from cgpyro.checkpoint import atomic_write
     from cgpyro.data import load
-    from cgpyro.guides import guide_for_new_sequences
-    from cgpyro.predict import forecast
+    from cgpyro.run import Run
 
     if args.samples < 2:
         raise UsageError("predict: argument --samples: expected at least 2")
-    model, inference, train, _ = load_run(args.run, args.device)
-    dataset = load(args.data)
-    if dataset.n_bins != train.n_bins:
-        raise ValueError(f"--data has {dataset.n_bins} bins, the run was trained on "
-                         f"{train.n_bins}")
-    same = dataset.counts.shape == train.counts.shape and np.array_equal(dataset.counts,
-                                                                          train.counts)
-    guide = inference.guide if same else guide_for_new_sequences(inference, dataset.counts)
-    result = forecast(model, guide, dataset.counts, args.horizon, num_samples=args.samples,
-                      seed=args.seed)
+    max_bytes = _max_bytes(args)
+    run = Run.open(args.run, device=args.device, allow_import=args.allow_import,
+                   max_bytes=max_bytes)
+    dataset = load(args.data, max_bytes=max_bytes)
+    result = run.forecast(dataset, args.horizon, num_samples=args.samples, seed=args.seed,
+                          allow_other_grid=args.allow_other_grid)
     arrays = result.to_npz_dict()
-    if not all(np.isfinite(v).all() for v in arrays.values()):
-        raise ValueError("the forecast is not finite; the run may be diverged")
 
     def write(tmp):
         with open(tmp, "wb") as fh:
@@ -461,13 +403,21 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("report"), help="report directory")
-    parser.add_argument("--model", default="physics", help="model spec (default: physics)")
-    parser.add_argument("--guide", default="lognormal", help="guide spec")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
-    parser.add_argument("--particles", type=positive_int, default=250_000)
-    parser.add_argument("--steps", type=positive_int, default=None, help="SVI steps")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--out", type=Path, default=Path("report"),
+                        help="report directory (default: report)")
+    parser.add_argument("--model", default="physics",
+                        help="model spec: a name in models/ or a .toml path (default: physics)")
+    parser.add_argument("--guide", default="lognormal",
+                        help="guide spec: a name in guides/ or a .toml path (default: lognormal)")
+    parser.add_argument("--seed", type=nonnegative_int, default=0,
+                        help="random seed of the simulation and training (default: 0)")
+    parser.add_argument("--particles", type=positive_int, default=250_000,
+                        help="particles per sequence in the simulation (default: 250000, as "
+                             "in the paper)")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="SVI steps (default: the guide spec's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="torch device (default: cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -496,7 +446,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
 register(Command("train", "fit the CG model to a dataset by SVI", _configure_train, _run_train))
 register(Command("predict", "infer CG states and forecast with uncertainty",
                  _configure_predict, _run_predict))
-register(Command("reproduce", "the seed's experiment end to end: figures and metrics",
+register(Command("reproduce", "the paper's experiment end to end: figures and metrics",
                  _configure_reproduce, _run_reproduce))
 
 

@@ -10,7 +10,9 @@ the rule and what was found.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -237,7 +239,30 @@ _READ_ERRORS = (
 )
 
 
-def _read_npz(path: Path) -> dict[str, object]:
+def _check_size(path: Path, shape: tuple, itemsize: int, max_bytes: int | None) -> None:
+    """Refuse an array whose reading and checking would not fit in memory, before reading it
+    (a 1.4 KB compressed file can declare 8e6 x 10 x 25 counts)."""
+    from .checkpoint import available_memory, gib
+
+    n = int(np.prod(shape, dtype=object))
+    need = n * (int(itemsize) + 16)  # the array, its int64 copy and the checks' temporaries
+    limit = available_memory() if max_bytes is None else max_bytes
+    if need > limit:
+        raise DataError(f"{path}: counts of shape {tuple(int(d) for d in shape)} need about "
+                        f"{gib(need)} to read, more than the {gib(limit)} available (pass "
+                        "max_bytes, or --no-memory-check on the command line, to try anyway)")
+
+
+def _npy_header(archive: zipfile.ZipFile, member: str) -> tuple[tuple, np.dtype]:
+    with archive.open(member) as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                else np.lib.format.read_array_header_2_0)
+        shape, _, dtype = read(fh)
+    return shape, dtype
+
+
+def _read_npz(path: Path, max_bytes: int | None = None) -> dict[str, object]:
     with open(path, "rb") as fh:
         magic = fh.read(6)
     if magic == b"\x93NUMPY":
@@ -245,6 +270,10 @@ def _read_npz(path: Path) -> dict[str, object]:
     if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and suggests unpickling
         raise DataError(f"{path}: cannot read as .npz (not a zip archive; empty, truncated or "
                         "another format)")
+    with zipfile.ZipFile(path) as archive:
+        if "counts.npy" in archive.namelist():
+            shape, dtype = _npy_header(archive, "counts.npy")
+            _check_size(path, shape, dtype.itemsize, max_bytes)
     loaded = np.load(path, allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
         raise DataError(f"{path}: expected an .npz archive, found a single .npy array")
@@ -254,28 +283,124 @@ def _read_npz(path: Path) -> dict[str, object]:
         return {key: loaded[key] for key in ("counts", "bin_edges", "dt") if key in loaded.files}
 
 
-def _read_nc(path: Path) -> dict[str, object]:
+DIMS = ("sequence", "time", "bin")
+_HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
+_NETCDF3_MAGIC = (b"CDF\x01", b"CDF\x02")  # classic and 64-bit offset
+
+
+def _order(path: Path, names: tuple) -> tuple[int, ...] | None:
+    """The transpose that puts named dimensions in ``DIMS`` order (``None``: keep the file's
+    order, for unnamed dimensions)."""
+    if all(n is None or n.startswith("phony_dim") for n in names):
+        return None
+    if sorted(names) != sorted(DIMS):
+        raise DataError(f"{path}: counts has dimensions {names}; expected "
+                        f"{', '.join(DIMS)} in any order (or unnamed dimensions in that order)")
+    return tuple(names.index(d) for d in DIMS)
+
+
+def _global_dt(path: Path, arrays: dict, attrs) -> None:
+    """``dt`` as a global attribute (as many tools write it) when there is no ``dt`` variable."""
+    if "dt" not in attrs:
+        return
+    value = np.asarray(attrs["dt"])
+    value = value.reshape(()) if value.size == 1 else value  # NetCDF attributes are 1-D
+    if "dt" in arrays and not np.array_equal(np.asarray(arrays["dt"]), value):
+        raise DataError(f"{path}: dt: the variable ({arrays['dt']}) and the global attribute "
+                        f"({value}) differ")
+    arrays.setdefault("dt", value)
+
+
+def _read_nc(path: Path, max_bytes: int | None = None) -> dict[str, object]:
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic[:4] in _NETCDF3_MAGIC:
+        return _read_netcdf3(path, max_bytes)
+    if magic[:4] == b"CDF\x05":
+        raise DataError(f"{path}: NetCDF-3 CDF-5 (64-bit data) is not supported; convert it "
+                        "with: nccopy -k netCDF-4 IN.nc OUT.nc")
     # Read the NetCDF4 (HDF5) variables with h5py rather than xarray: on a damaged file
     # h5netcdf's File.__del__ prints a traceback ("Exception ignored in ...") to stderr.
     import h5py
 
     with h5py.File(path, "r") as nc:
-        names = [key for key in nc.keys() if isinstance(nc[key], h5py.Dataset)]
+        # Hard links only: a soft or external link (or an external/virtual dataset, below)
+        # would make reading this file read another file of the user's.
+        links = {key: nc.get(key, getlink=True) for key in nc.keys()}
+        names = [key for key, link in links.items() if isinstance(link, h5py.HardLink)
+                 and isinstance(nc[key], h5py.Dataset)]
+        for key in ("counts", "bin_edges", "dt"):
+            if key in links and not isinstance(links[key], h5py.HardLink):
+                raise DataError(f"{path}: variable {key!r} is a link to another place or file; "
+                                "refused (store the data in the file itself)")
         if "counts" not in names:
             raise DataError(f"{path}: missing variable 'counts' (found {sorted(names)})")
-        return {key: nc[key][()] for key in ("counts", "bin_edges", "dt") if key in names}
+        arrays = {}
+        for key in ("counts", "bin_edges", "dt"):
+            if key not in names:
+                continue
+            ds = nc[key]
+            if ds.external or ds.is_virtual:
+                raise DataError(f"{path}: variable {key!r} keeps its data outside the file "
+                                f"({'virtual' if ds.is_virtual else 'external'} storage); "
+                                "refused (store the data in the file itself)")
+            if key == "counts":
+                _check_size(path, ds.shape, ds.dtype.itemsize, max_bytes)
+                dims = tuple(dim[0].name.rsplit("/", 1)[-1] if len(dim) else None
+                             for dim in ds.dims)
+                order = _order(path, dims) if ds.ndim == 3 else None
+                arrays[key] = ds[()] if order is None else np.transpose(ds[()], order)
+            else:
+                arrays[key] = ds[()]
+        _global_dt(path, arrays, nc.attrs)
+        return arrays
 
 
-def load(path: str | os.PathLike) -> Dataset:
-    """Read a ``.npz`` or ``.nc`` dataset; any problem -> ``DataError`` naming the file."""
+def _read_netcdf3(path: Path, max_bytes: int | None) -> dict[str, object]:
+    """NetCDF-3 (classic, 64-bit offset) through scipy, the reader of xarray's scipy engine."""
+    try:
+        from scipy.io import netcdf_file
+    except ImportError:
+        raise DataError(f"{path}: NetCDF-3 (classic) files need scipy (pip install scipy), "
+                        "or convert it with: nccopy -k netCDF-4 IN.nc OUT.nc") from None
+    with warnings.catch_warnings():  # scipy warns when arrays still reference the mmap
+        warnings.simplefilter("ignore")
+        with netcdf_file(path, "r", mmap=True) as nc:
+            variables = nc.variables
+            if "counts" not in variables:
+                raise DataError(f"{path}: missing variable 'counts' "
+                                f"(found {sorted(variables)})")
+            counts = variables["counts"]
+            _check_size(path, counts.shape, counts.data.dtype.itemsize, max_bytes)
+            order = _order(path, tuple(counts.dimensions)) if len(counts.shape) == 3 else None
+            arrays = {"counts": np.array(counts.data if order is None
+                                         else np.transpose(counts.data, order))}
+            for key in ("bin_edges", "dt"):
+                if key in variables:
+                    arrays[key] = np.array(variables[key].data)
+            _global_dt(path, arrays, nc._attributes)
+            return arrays
+
+
+def load(path: str | os.PathLike, max_bytes: int | None = None) -> Dataset:
+    """Read a ``.npz`` or ``.nc`` dataset; any problem -> ``DataError`` naming the file.
+
+    NetCDF files may be NetCDF-4 (HDF5) or NetCDF-3 (classic, needs scipy); their ``counts``
+    dimensions are put in (sequence, time, bin) order by name, and ``dt`` may be a variable
+    or a global attribute. ``max_bytes`` (default: the available memory) bounds what reading
+    may take; a file whose arrays would need more is refused before reading them.
+    """
     path = Path(path)
     ext = _suffix(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected a {ext} file")
+    if not stat.S_ISREG(path.stat().st_mode):  # a FIFO or /dev/zero would hang reading
+        raise DataError(f"{path}: not a regular file (a pipe, device or socket), expected a "
+                        f"{ext} file")
     try:
-        arrays = _read_npz(path) if ext == ".npz" else _read_nc(path)
+        arrays = (_read_npz if ext == ".npz" else _read_nc)(path, max_bytes)
     except DataError:
         raise
     except _READ_ERRORS as exc:

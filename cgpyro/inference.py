@@ -381,7 +381,7 @@ class SVIInference:
             return
         save_checkpoint(self.checkpoint, step=self.step, optim=optim,
                         loss_history=self.loss_history, config=self.config,
-                        extra={"converged": self.converged})
+                        extra={"converged": bool(self.converged)})
 
     def _check_finite(self, loss: float) -> None:
         bad = None
@@ -438,12 +438,14 @@ class SVIInference:
                 self._set_lr(optim, self.step)
                 self.step += 1
                 self.loss_history.append(loss)
+                # before the callbacks: an interrupt raised by one saves this step's verdict
+                self.converged = self._has_converged(scale)
                 stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
                 self._check_finite(loss)
                 bar.update(1)
                 if self.step % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}", sigma_c=phase(self.step, annealed_at))
-                self.converged = stop or self._has_converged(scale)
+                self.converged = stop or self.converged
                 if self.checkpoint is not None and (self.step % self.checkpoint_every == 0):
                     self._save(optim)
                     self._last_saved = self.step
@@ -515,7 +517,7 @@ class SVIInference:
             return False
         prev = np.mean(self.loss_history[-2 * w:-w])
         last = np.mean(self.loss_history[-w:])
-        return (prev - last) / scale < self.tol
+        return bool((prev - last) / scale < self.tol)  # a NumPy bool broke safe loading
 
     def _restore(self, payload, counts, optim) -> None:
         config = payload["config"]
@@ -524,6 +526,11 @@ class SVIInference:
                 f"checkpoint was written for data of shape {config.get('data_shape')}, "
                 f"got {self.config.get('data_shape')}"
             )
+        for key, what in (("model_sha256", "model spec"), ("guide_sha256", "guide spec"),
+                          ("data_sha256", "training data")):  # written by cgpyro.run.Run
+            if key in self.config and config.get(key) != self.config[key]:
+                raise CheckpointError(f"checkpoint was written for another {what} than this "
+                                      "run's (a checkpoint from another run?)")
         # Register every param (and its constraint) with one guide trace, then overwrite values.
         with torch.no_grad():
             pyro.poutine.trace(self.guide).get_trace(counts)

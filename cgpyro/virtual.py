@@ -8,16 +8,28 @@ authors' code raises the penalty precision step by step.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.machinery
+import inspect
 import math
+import os
+import site
+import sys
+import sysconfig
 from collections.abc import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .distributions import lognormal_moments
 
-__all__ = ["VirtualObservable", "mass_conservation", "resolve_constraint"]
+__all__ = ["ImportPolicy", "VirtualObservable", "constraint_identity", "import_policy",
+           "mass_conservation", "resolve_constraint"]
 
 
 def mass_conservation(x: torch.Tensor) -> torch.Tensor:
@@ -31,10 +43,111 @@ mass_conservation.affine = (torch.ones(1), -torch.ones(1, 1))
 BUILTIN_CONSTRAINTS: dict[str, Callable] = {"mass": mass_conservation}
 
 
+@dataclass(frozen=True)
+class ImportPolicy:
+    """What :func:`resolve_constraint` may import while a run directory is being loaded.
+
+    A run's ``model.toml`` names constraints ``module:function``; loading a run must not run
+    code the user did not choose. Under a policy a constraint module is imported only if it is
+    ``allowed`` (module names, or ``"*"``) or lives in an installed package (site-packages, or
+    cgpyro itself), never from a ``forbidden`` directory (the run directory, the current
+    directory) even if ``sys.path`` lists it; its source must match the ``recorded`` identity
+    (``{spec: {"module", "sha256"}}`` from :func:`constraint_identity` at training); and the
+    object must be a plain Python function.
+    """
+
+    allowed: frozenset = frozenset()
+    forbidden: tuple = ()
+    recorded: dict = field(default_factory=dict)
+
+
+_POLICY: ContextVar[ImportPolicy | None] = ContextVar("cgpyro_import_policy", default=None)
+
+
+@contextmanager
+def import_policy(policy: ImportPolicy):
+    """Apply ``policy`` to every :func:`resolve_constraint` in the ``with`` block."""
+    token = _POLICY.set(policy)
+    try:
+        yield policy
+    finally:
+        _POLICY.reset(token)
+
+
+def _installed_roots() -> list[Path]:
+    roots = [*site.getsitepackages(), site.getusersitepackages(),
+             sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]]
+    return [Path(r).resolve() for r in roots] + [Path(__file__).resolve().parent]
+
+
+def _under(path: Path, roots) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def _module_origin(module_name: str, forbidden: tuple) -> Path | None:
+    """Where ``module_name`` would be imported from, without importing it (``None``: not
+    found outside the forbidden directories)."""
+    loaded = sys.modules.get(module_name)
+    if loaded is not None:
+        origin = getattr(loaded, "__file__", None)
+        return Path(origin).resolve() if origin else None
+    search = []
+    for entry in sys.path:
+        where = Path(entry or os.getcwd()).resolve()
+        if not _under(where, forbidden):
+            search.append(str(where))
+    parts = module_name.split(".")
+    spec = None
+    for i in range(len(parts)):  # walk packages by their search locations, importing nothing
+        spec = importlib.machinery.PathFinder.find_spec(".".join(parts[: i + 1]), search)
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or [])
+    return Path(spec.origin).resolve() if spec and spec.origin else None
+
+
+def constraint_identity(spec: str) -> dict | None:
+    """``{"module", "sha256"}`` of a constraint's source file, to record beside a run
+    (``None`` for built-ins and modules without a source file)."""
+    if spec in BUILTIN_CONSTRAINTS or ":" not in spec:
+        return None
+    module_name = spec.partition(":")[0]
+    origin = _module_origin(module_name, ())
+    if origin is None or not origin.is_file():
+        return None
+    return {"module": module_name, "sha256": hashlib.sha256(origin.read_bytes()).hexdigest()}
+
+
+def _check_policy(spec: str, module_name: str, policy: ImportPolicy) -> None:
+    if "*" in policy.allowed or module_name in policy.allowed or \
+            module_name.partition(".")[0] == __name__.partition(".")[0]:  # cgpyro itself
+        return
+    forbidden = tuple(Path(p).resolve() for p in policy.forbidden)
+    allow = f"allow it with --allow-import {module_name} if you trust it"
+    origin = _module_origin(module_name, forbidden)
+    if origin is None and module_name in sys.modules:
+        raise ValueError(f"constraint {spec!r}: {module_name!r} is built into Python, not a "
+                         "package of constraints")
+    if origin is None:
+        if _module_origin(module_name, ()) is not None:
+            raise ValueError(f"constraint {spec!r}: refused to import {module_name!r} from the "
+                             f"run directory or the current directory; {allow}")
+        raise ValueError(f"constraint {spec!r}: module {module_name!r} is not installed")
+    if not _under(origin, _installed_roots()) or _under(origin, forbidden):
+        raise ValueError(f"constraint {spec!r}: {module_name!r} ({origin}) is not an installed "
+                         f"package; {allow}")
+    recorded = policy.recorded.get(spec)
+    if recorded and origin.is_file() and \
+            hashlib.sha256(origin.read_bytes()).hexdigest() != recorded.get("sha256"):
+        raise ValueError(f"constraint {spec!r}: {origin} changed since the run was trained; "
+                         f"{allow}")
+
+
 def resolve_constraint(spec: str) -> Callable:
     """A built-in name (``"mass"``) or an import path ``package.module:function``.
 
-    The function is imported, never evaluated from text.
+    The function is imported, never evaluated from text; under an :class:`ImportPolicy`
+    (loading a run directory) only as the policy allows.
     """
     if spec in BUILTIN_CONSTRAINTS:
         return BUILTIN_CONSTRAINTS[spec]
@@ -44,12 +157,18 @@ def resolve_constraint(spec: str) -> Callable:
             "or an import path 'package.module:function'"
         )
     module_name, _, attr = spec.partition(":")
+    policy = _POLICY.get()
+    if policy is not None:
+        _check_policy(spec, module_name, policy)
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
         raise ValueError(f"constraint {spec!r} cannot be imported: {err}") from None
     if not callable(fn):
         raise ValueError(f"constraint {spec!r} is not callable")
+    if policy is not None and not inspect.isfunction(fn):  # input(), sys.exit, classes, ...
+        raise ValueError(f"constraint {spec!r}: expected a plain Python function of a tensor, "
+                         f"found {type(fn).__name__}")
     return fn
 
 

@@ -127,7 +127,8 @@ def _nc_structural(rng, tmp: Path, i: int) -> Path:
 def good(tmp_path_factory):
     """Valid files to damage: a dataset (.npz, .nc), a run's checkpoint, the shipped specs."""
     root = tmp_path_factory.mktemp("good")
-    data, _ = simulate_dataset(n_sequences=2, n_steps=3, n_particles=500, n_bins=4, seed=0)
+    # 8 bins: the default (physics) model's correction radius needs at least 5
+    data, _ = simulate_dataset(n_sequences=2, n_steps=3, n_particles=500, n_bins=8, seed=0)
     save(data, root / "d.npz")
     save(data, root / "d.nc")
     assert main(["train", "--data", str(root / "d.npz"), "--steps", "3", "--out",

