@@ -15,6 +15,8 @@ from .inference import NumericalError, _describe_invalid, _is_invalid_values, as
 
 __all__ = ["Forecast", "forecast", "posterior_predictive", "sample_positions"]
 
+LEVELS = (0.5, 0.8, 0.95)  # central intervals kept by every forecast
+
 
 @dataclass
 class Forecast:
@@ -26,6 +28,8 @@ class Forecast:
     - ``lower``, ``upper``: 2.5 % / 97.5 % quantiles of the reconstructed FG bin fractions
       ``m / N`` sampled from p_cf (Algorithm 1, step 5);
     - ``mass``: ``(sequence, time)`` posterior mean of ``Σ_j X_j``;
+    - ``intervals``: central intervals of the same draws at 50, 80 and 95 %
+      (:meth:`interval`), for calibration at every level;
     - ``samples_x``, ``samples_fractions``: ``(sample, sequence, time, bin)`` draws, kept when
       ``keep_samples=True``.
     ``n_observed`` is the number of inferred (observed) steps; later steps are predicted.
@@ -40,6 +44,14 @@ class Forecast:
     samples_x: np.ndarray | None = None
     samples_fractions: np.ndarray | None = None
     extra: dict = field(default_factory=dict)
+    intervals: dict = field(default_factory=dict)
+
+    def interval(self, level: float) -> tuple[np.ndarray, np.ndarray]:
+        """``(lower, upper)`` of the central ``level`` interval, each ``(sequence, time, bin)``."""
+        key = round(float(level), 4)
+        if key not in self.intervals:
+            raise ValueError(f"level must be one of {sorted(self.intervals)}, got {level!r}")
+        return self.intervals[key]
 
     @property
     def horizon(self) -> int:
@@ -126,15 +138,18 @@ def forecast(
         model.fixed.clear()
         model.fixed.update(saved)
     frac = m / totals[:, None, None]
-    q = torch.quantile(frac, torch.tensor([0.025, 0.975], dtype=frac.dtype, device=frac.device),
-                       dim=0)
+    probs = [p for level in LEVELS for p in ((1 - level) / 2, (1 + level) / 2)]
+    q = torch.quantile(frac, torch.tensor(probs, dtype=frac.dtype, device=frac.device), dim=0)
+    q = q.cpu().numpy()
+    intervals = {level: (q[2 * i], q[2 * i + 1]) for i, level in enumerate(LEVELS)}
     result = Forecast(
         mean=x.mean(0).cpu().numpy(),
-        lower=q[0].cpu().numpy(),
-        upper=q[1].cpu().numpy(),
+        lower=intervals[0.95][0],
+        upper=intervals[0.95][1],
         mass=x.sum(-1).mean(0).cpu().numpy(),
         n_observed=counts.shape[1],
         totals=totals.cpu().numpy(),
+        intervals=intervals,
     )
     if keep_samples:
         result.samples_x = x.cpu().numpy()

@@ -134,3 +134,14 @@ def test_epistemic_needs_a_flux_drift(fitted):
     model, inference, counts = fitted
     with pytest.raises(ValueError, match="epistemic=True needs a drift"):
         forecast(model, inference.guide, counts, 2, epistemic=True)
+
+
+def test_intervals_at_every_level_are_nested(fitted):
+    model, inference, counts = fitted
+    f = forecast(model, inference.guide, counts, 4, num_samples=100)
+    (l50, u50), (l80, u80), (l95, u95) = (f.interval(x) for x in (0.5, 0.8, 0.95))
+    assert np.array_equal(l95, f.lower) and np.array_equal(u95, f.upper)
+    assert (l95 <= l80).all() and (l80 <= l50).all() and (u50 <= u80).all() and (u80 <= u95).all()
+    assert (u50 - l50).mean() < (u95 - l95).mean()
+    with pytest.raises(ValueError, match="level must be one of"):
+        f.interval(0.9)
