@@ -3,8 +3,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+NB_STAMP := $(VENV)/.notebook-installed
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean notebook
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,16 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	MPLBACKEND=Agg $(PY) benchmarks/run.py --out benchmarks/results.md
+
+# JupyterLab + ipywidgets (the `notebook` extra) on the project's kernel; `make test` and
+# `make demo` never install them. Extra flags: make notebook JUPYTER_ARGS=--no-browser
+$(NB_STAMP): $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,notebook]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (cgpyro)" >/dev/null
+	touch $(NB_STAMP)
+
+notebook: $(NB_STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $(JUPYTER_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check cgpyro tests benchmarks

@@ -11,6 +11,9 @@ touched.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+import warnings
 from typing import TYPE_CHECKING
 
 from ._version import __version__ as __version__
@@ -26,6 +29,8 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "NumericalError": "inference",
     "SpecError": "specs",
+    "RunError": "run",
+    "RunLockedError": "run",
     # model, guides, inference, prediction
     "CGModel": "model",
     "AmortizedGuide": "guides",
@@ -42,16 +47,37 @@ _EXPORTS = {
     "ParticleSystem": "systems",
     "simulate_dataset": "systems",
     "to_inference_data": "diagnostics",
+    # a run directory: create / open / fit / resume / forecast
+    "Run": "run",
 }
 # submodules reachable as attributes (``cgpyro.plots.plot_loss``) without an explicit import
 _SUBMODULES = {"plots", "diagnostics", "metrics", "specs", "experiment"}
 
 __all__ = [  # a literal list, so that linters see the names the TYPE_CHECKING block binds
     "AmortizedGuide", "CGModel", "CheckpointError", "DataError", "Dataset", "Forecast",
-    "LogNormalGuide", "NumericalError", "ParticleSystem", "SVIInference", "SpecError",
+    "LogNormalGuide", "NumericalError", "ParticleSystem", "Run", "RunError", "RunLockedError",
+    "SVIInference", "SpecError",
     "auto_guide", "forecast", "guide_for_new_sequences", "list_specs", "load", "load_guide",
     "load_model", "plots", "save", "simulate_dataset", "to_inference_data",
 ]
+
+
+def _quiet_tqdm_in_kernels_without_widgets() -> None:
+    """Pyro imports ``tqdm.auto``, which in a Jupyter kernel without ipywidgets warns
+    ``IProgress not found`` (ipywidgets comes with ``make notebook``). Import it once here with
+    only that warning silenced, so ``import cgpyro`` before ``import pyro`` shows none; cgpyro's
+    own bars use plain tqdm there (:mod:`cgpyro._progress`).
+    """
+    if "ipykernel.zmqshell" not in sys.modules or "tqdm.autonotebook" in sys.modules:
+        return
+    if importlib.util.find_spec("ipywidgets") is not None:
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        importlib.import_module("tqdm.autonotebook")
+
+
+_quiet_tqdm_in_kernels_without_widgets()
 
 
 def __getattr__(name: str):
@@ -79,5 +105,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager form
     from .inference import NumericalError, SVIInference
     from .model import CGModel
     from .predict import Forecast, forecast
+    from .run import Run, RunError, RunLockedError
     from .specs import SpecError, list_specs, load_guide, load_model
     from .systems import ParticleSystem, simulate_dataset

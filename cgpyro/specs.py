@@ -147,9 +147,15 @@ class SpecError(ValueError):
 
 # --------------------------------------------------------------------------- files
 def specs_dir() -> Path:
-    """The directory holding ``models/`` and ``guides/``: ``$CGPYRO_SPECS_DIR`` or the repo root."""
+    """The directory holding ``models/``, ``guides/`` and ``data/``: ``$CGPYRO_SPECS_DIR``, else
+    the source checkout's root, else the copy a wheel installs in ``cgpyro/_specs/``."""
     env = os.environ.get(SPECS_ENV)
-    return Path(env) if env else Path(__file__).resolve().parents[1]
+    if env:
+        return Path(env)
+    root = Path(__file__).resolve().parents[1]
+    if (root / "models").is_dir() and (root / "guides").is_dir():  # a source checkout
+        return root
+    return Path(__file__).resolve().parent / "_specs"
 
 
 def _available(folder: str) -> list[str]:

@@ -46,7 +46,8 @@ def test_all_lists_every_lazy_export():
 
 
 def test_error_classes_exported():
-    for name in ("DataError", "SpecError", "CheckpointError", "NumericalError"):
+    for name in ("DataError", "SpecError", "CheckpointError", "NumericalError", "RunError",
+                 "RunLockedError"):
         cls = getattr(cgpyro, name)
         assert issubclass(cls, Exception) and cls.__name__ == name
     assert issubclass(cgpyro.DataError, ValueError)  # user input errors are ValueErrors
