@@ -264,7 +264,7 @@ class _StepBoundarySignals:
 
         if threading.current_thread() is not threading.main_thread():
             return
-        inference.callbacks.insert(0, self._at_step_end)  # first: before any other callback
+        inference.callbacks.append(self._at_step_end)  # last: sees signals from the others
         signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
         self.previous = {sig: signal.signal(sig, self._handler) for sig in signals}
 

@@ -1,5 +1,7 @@
 """The interchange format: validation messages, round trips, and damaged files."""
 
+import os
+
 import h5py
 import numpy as np
 import pytest
@@ -218,3 +220,106 @@ def test_random_byte_damage_never_escapes_as_other_errors(tmp_path, dataset):
                 outcomes["DataError"] += 1
     assert outcomes["DataError"] > 0
     assert sum(outcomes.values()) == 120
+
+
+# -- issue 8 (round two) and issue 9: NetCDF variants, hostile and oversized files -------------
+def _h5(path, counts, dims=None, **attrs):
+    """A NetCDF-4-like HDF5 file with ``counts`` (and named dimension scales if ``dims``)."""
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("counts", data=counts)
+        if dims:
+            for axis, name in enumerate(dims):
+                scale = f.create_dataset(name, data=np.arange(counts.shape[axis]))
+                scale.make_scale(name)
+                ds.dims[axis].attach_scale(scale)
+        f.attrs.update(attrs)
+    return path
+
+
+def test_netcdf_dimensions_are_read_by_name(tmp_path, dataset):
+    """(time, sequence, bin) on disk is transposed to (sequence, time, bin), not misread."""
+    swapped = np.ascontiguousarray(dataset.counts.transpose(1, 0, 2))
+    got = load(_h5(tmp_path / "t.nc", swapped, dims=("time", "sequence", "bin")))
+    np.testing.assert_array_equal(got.counts, dataset.counts)
+    with pytest.raises(DataError, match=r"counts has dimensions \('x', 'y', 'z'\); expected "
+                       "sequence, time, bin in any order"):
+        load(_h5(tmp_path / "x.nc", swapped, dims=("x", "y", "z")))
+
+
+def test_dt_as_a_global_attribute(tmp_path, dataset):
+    assert load(_h5(tmp_path / "a.nc", dataset.counts, dt=0.25)).dt == 0.25
+    path = tmp_path / "both.nc"
+    save(Dataset(dataset.counts, dt=2.0), path)
+    with h5py.File(path, "a") as f:
+        f.attrs["dt"] = 3.0
+    with pytest.raises(DataError, match="dt: the variable .* and the global attribute"):
+        load(path)
+
+
+def test_netcdf3_classic_is_read(tmp_path, dataset):
+    """NetCDF-3 (as many tools write it) through scipy: same counts, dims by name, dt."""
+    netcdf_file = pytest.importorskip("scipy.io").netcdf_file
+    path = tmp_path / "classic.nc"
+    with netcdf_file(path, "w") as f:
+        for name, size in zip(("time", "sequence", "bin"), (4, 3, 5), strict=True):
+            f.createDimension(name, size)
+        f.createDimension("edge", 6)
+        var = f.createVariable("counts", "i4", ("time", "sequence", "bin"))
+        var[:] = dataset.counts.transpose(1, 0, 2)
+        f.createVariable("bin_edges", "f8", ("edge",))[:] = np.linspace(-1, 1, 6)
+        f.dt = 0.5
+    got = load(path)
+    np.testing.assert_array_equal(got.counts, dataset.counts)
+    assert got.dt == 0.5 and got.bin_edges[-1] == 1.0
+
+
+def test_external_storage_and_links_are_refused(tmp_path, dataset):
+    """A small .nc must not make cgpyro read another file of the user's (issue 8, item 3)."""
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.full(60, 7, dtype=np.int64).tobytes())
+    ext = tmp_path / "ext.nc"
+    with h5py.File(ext, "w") as f:
+        f.create_dataset("counts", shape=(3, 4, 5), dtype="i8", external=[(str(secret), 0, 480)])
+    with pytest.raises(DataError, match="keeps its data outside the file .external storage"):
+        load(ext)
+    save(dataset, tmp_path / "other.nc")
+    for kind, link in (("soft", h5py.SoftLink("/elsewhere")),
+                       ("external", h5py.ExternalLink(str(tmp_path / "other.nc"), "/counts"))):
+        path = tmp_path / f"{kind}.nc"
+        with h5py.File(path, "w") as f:
+            f.create_dataset("elsewhere", data=dataset.counts)
+            f["counts"] = link
+        with pytest.raises(DataError, match="'counts' is a link to another place or file"):
+            load(path)
+    virtual = tmp_path / "virtual.nc"
+    layout = h5py.VirtualLayout(shape=(3, 4, 5), dtype="i8")
+    layout[:] = h5py.VirtualSource(str(tmp_path / "other.nc"), "counts", shape=(3, 4, 5))
+    with h5py.File(virtual, "w") as f:
+        f.create_virtual_dataset("counts", layout)
+    with pytest.raises(DataError, match="outside the file .virtual storage"):
+        load(virtual)
+
+
+def test_oversized_arrays_are_refused_before_reading(tmp_path, dataset):
+    """A 1.4 KB NetCDF with a fill value can declare 8e6 x 10 x 25 counts (16 GB)."""
+    path = tmp_path / "fill.nc"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("counts", shape=(8_000_000, 10, 25), dtype="i8", chunks=(1000, 10, 25),
+                         compression="gzip", fillvalue=1)
+    assert path.stat().st_size < 10_000
+    with pytest.raises(DataError, match=r"fill.nc: counts of shape \(8000000, 10, 25\) need "
+                       r"about 44.7 GiB to read, more than the .* available"):
+        load(path, max_bytes=2**34)
+    save(dataset, tmp_path / "d.npz")  # the same rule for .npz, from the array header
+    with pytest.raises(DataError, match=r"counts of shape \(3, 4, 5\) need about 0 MiB"):
+        load(tmp_path / "d.npz", max_bytes=100)
+    assert load(tmp_path / "d.npz", max_bytes=10_000).n_sequences == 3
+
+
+def test_pipes_and_devices_are_refused_not_read(tmp_path):
+    fifo = tmp_path / "fifo.npz"
+    os.mkfifo(fifo)
+    (tmp_path / "zero.nc").symlink_to("/dev/zero")
+    for path in (fifo, tmp_path / "zero.nc"):
+        with pytest.raises(DataError, match="not a regular file"):
+            load(path)

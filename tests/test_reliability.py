@@ -782,3 +782,340 @@ def test_same_seed_same_data_training_and_forecasts(world, uninterrupted, tmp_pa
             predict(data, 2, "3.npz")
         assert all(np.array_equal(first[k], second[k]) for k in first)
         assert not np.array_equal(first["lower"], other["lower"])
+
+
+# -- round two (issue 8 items 2-11, issue 9 items 5, 8, 10) --------------------------------------
+def _predict_args(run: Path, data: Path, tmp: Path, *extra) -> list:
+    return ["predict", "--run", run, "--data", data, "--horizon", "2", "--samples", "4",
+            "--out", tmp / "p.npz", *extra]
+
+
+def _tol_guide(path: Path) -> Path:
+    """The lognormal guide with a tolerance every run meets once annealing is over."""
+    path.write_text('name = "tol"\n[guide]\nkind = "lognormal"\n[svi]\ntol = 1e9\nwindow = 2\n'
+                    "checkpoint_every = 1\n")
+    return path
+
+
+def test_a_run_that_converged_early_reopens(world, tmp_path, capsys):
+    """Item 2: ``extra.converged`` was a NumPy bool, which safe loading refuses."""
+    run = tmp_path / "r"
+    code, out, _ = cli(capsys, "train", "--data", world / "d.npz", "--guide",
+                       _tol_guide(tmp_path / "g.toml"), "--steps", "40", "--out", run, "--quiet")
+    state = _state(run)
+    assert code == 0 and state["extra"]["converged"] is True and state["step"] < 40
+    code, _, err = cli(capsys, *_predict_args(run, world / "d.npz", tmp_path))
+    assert code == 0, err
+
+
+def test_checkpoint_fields_are_stored_as_plain_python(tmp_path):
+    from cgpyro.checkpoint import save_checkpoint
+
+    pyro.clear_param_store()
+    pyro.param("a", torch.ones(2))
+    save_checkpoint(tmp_path / "c.pt", step=np.int64(3), optim=None,
+                    loss_history=[np.float64(1.5)],
+                    config={"shape": np.array([1, 2]), "flag": np.bool_(True), "p": tmp_path},
+                    extra={"converged": np.bool_(True), "n": np.int32(4), "x": np.float32(.5)})
+    payload = load_checkpoint(tmp_path / "c.pt")
+    assert payload["extra"] == {"converged": True, "n": 4, "x": 0.5}
+    assert type(payload["extra"]["converged"]) is bool and type(payload["extra"]["n"]) is int
+    assert payload["config"] == {"shape": [1, 2], "flag": True, "p": str(tmp_path)}
+    with pytest.raises(TypeError, match=r"extra\['obj'\]: cannot store a object"):
+        save_checkpoint(tmp_path / "d.pt", step=0, optim=None, loss_history=[], config={},
+                        extra={"obj": object()})
+    assert not (tmp_path / "d.pt").exists()
+
+
+def _constraint_module(folder: Path, name: str, marker: Path) -> None:
+    """A constraint module that leaves ``marker`` behind when it is imported."""
+    (folder / f"{name}.py").write_text(
+        f"open({str(marker)!r}, 'a').close()\n\n"
+        "def mass(x):\n    return 1.0 - x.sum(-1, keepdim=True)\n")
+
+
+def test_loading_a_run_imports_only_what_the_user_allowed(world, tmp_path, capsys,
+                                                          monkeypatch):
+    """Item 4: a run's model.toml names constraints; loading it (predict, resume) imports
+    none from the run directory or the current directory, nor any module that is not an
+    installed package unless ``--allow-import`` names it, nor a non-function."""
+    marker = tmp_path / "IMPORTED"
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    _constraint_module(lib, "cg_user_vo", marker)
+    monkeypatch.syspath_prepend(str(lib))
+    monkeypatch.delitem(sys.modules, "cg_user_vo", raising=False)
+    spec = tmp_path / "m.toml"
+    spec.write_text('[transition]\nhidden = [8]\n[[virtual_observables]]\n'
+                    'constraint = "cg_user_vo:mass"\n')
+    run = tmp_path / "r"
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--model", spec, "--steps",
+                       "2", "--out", run, "--quiet")
+    assert code == 0 and marker.exists(), err  # training imports what the user named
+    assert "cg_user_vo:mass" in (run / "config.json").read_text()  # its identity is recorded
+    marker.unlink()
+    del sys.modules["cg_user_vo"]
+    code, _, err = cli(capsys, *_predict_args(run, world / "d.npz", tmp_path))
+    assert code == 1 and ("'cg_user_vo' (" in one_line(err)) and \
+        "is not an installed package; allow it with --allow-import cg_user_vo" in err
+    assert not marker.exists()
+    code, _, err = cli(capsys, *_predict_args(run, world / "d.npz", tmp_path),
+                       "--allow-import", "cg_user_vo")
+    assert code == 0 and marker.exists(), err
+    (lib / "cg_user_vo.py").write_text((lib / "cg_user_vo.py").read_text() + "# changed\n")
+    del sys.modules["cg_user_vo"]
+    marker.unlink()
+
+    # a module in the run directory and the current directory is never imported
+    evil = copy_run(world, tmp_path / "evil")
+    _constraint_module(evil, "cg_evil", marker)
+    monkeypatch.chdir(evil)
+    monkeypatch.syspath_prepend("")
+    text = (evil / "model.toml").read_text()
+    for constraint, message in (
+            ("cg_evil:mass", "refused to import 'cg_evil' from the run directory or the current "
+                             "directory; allow it with --allow-import cg_evil"),
+            ("builtins:input", "'builtins' is built into Python"),
+            ("html:escape", "'html' (")):
+        (evil / "model.toml").write_text(
+            f'{text}\n[[virtual_observables]]\nname = "x"\nconstraint = "{constraint}"\n')
+        code, _, err = cli(capsys, *_predict_args(evil, world / "d.npz", tmp_path))
+        assert code == 1 and message in one_line(err), err
+        assert not marker.exists() and "cg_evil" not in sys.modules
+
+
+def test_a_second_writer_is_refused(world, tmp_path, capsys):
+    """Item 5: ``train`` holds an exclusive lock on its run directory; another ``train`` into
+    it (a new run or a resume) is refused in one line and writes nothing."""
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cgpyro.cli", "train", "--data", str(world / "d.npz"),
+         "--guide", str(every_step_guide(tmp_path / "every.toml")), "--steps", "1000000",
+         "--out", str(run), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(1200):
+            if (run / "checkpoint.pt").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        config = (run / "config.json").read_bytes()
+        code, _, err = cli(capsys, "train", "--resume", run, "--quiet")
+        assert code == 1 and "in use by another cgpyro process" in one_line(err)
+        assert (run / "config.json").read_bytes() == config
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        proc.kill()
+    assert proc.returncode == 130
+    from cgpyro.run import _Lock  # the same lock refuses a new run into the directory
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    lock = _Lock(fresh)
+    try:
+        code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--out", fresh, "--quiet")
+        assert code == 1 and "in use by another cgpyro process" in one_line(err)
+        assert list(fresh.iterdir()) == []
+    finally:
+        lock.release()
+
+
+def test_checkpoints_specs_and_directories_from_elsewhere_are_refused(world, tmp_path, capsys):
+    """Item 6: a checkpoint of another run with the same shapes (here: another guide spec), an
+    edited spec, and an ``--out`` directory holding unrelated files are refused."""
+    other = tmp_path / "other"
+    assert main(["train", "--data", str(world / "d.npz"), "--steps", "20", "--guide",
+                 str(every_step_guide(tmp_path / "g.toml")), "--out", str(other),
+                 "--quiet"]) == 0
+    run = copy_run(world, tmp_path)
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
+    for args in (_predict_args(run, world / "d.npz", tmp_path),
+                 ["train", "--resume", run, "--steps", "30", "--quiet"]):
+        code, _, err = cli(capsys, *args)
+        assert code == 1 and "checkpoint was written for another guide spec than this run's" \
+            in one_line(err)
+    edited = copy_run(world, tmp_path / "edited")
+    (edited / "model.toml").write_text((edited / "model.toml").read_text() + "\n# edited\n")
+    code, _, err = cli(capsys, *_predict_args(edited, world / "d.npz", tmp_path))
+    assert code == 1 and "model.toml: edited since the run was trained" in one_line(err)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--out", mine, "--quiet")
+    assert code == 1 and "holds files that are not part of a cgpyro run (notes.txt)" in \
+        one_line(err)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+class _Signals(SVIInference):
+    """Raises ``signals`` (names, 50 ms apart) in this process in the middle of step ``at``
+    (after the parameter update, before the step is counted) and, if ``during_save``, one
+    more while the checkpoint is written."""
+
+    at, signals, during_save = 20, ("SIGINT",), False
+
+    def _set_lr(self, optim, step):
+        if self.step == self.at - 1:
+            for name in self.signals:
+                signal.raise_signal(getattr(signal, name))
+                time.sleep(0.05)
+        super()._set_lr(optim, step)
+
+    def _save(self, optim):
+        if self.during_save:
+            signal.raise_signal(signal.SIGINT)
+        super()._save(optim)
+
+
+@pytest.mark.parametrize("at, signals, during_save", [
+    (20, ("SIGINT", "SIGINT"), False),  # two Ctrl-C 50 ms apart
+    (20, ("SIGINT", "SIGTERM"), False),
+    (1, ("SIGINT",), False),  # Ctrl-C during the first step
+    (20, ("SIGINT",), True),  # a second Ctrl-C while the checkpoint is written
+], ids=["two SIGINTs", "SIGINT then SIGTERM", "during the first step", "during the save"])
+def test_ctrl_c_edge_cases_save_a_step_boundary(world, uninterrupted, tmp_path, capsys,
+                                                monkeypatch, at, signals, during_save):
+    """Item 7: the first signal stops training at a step boundary, later ones are ignored
+    until the checkpoint is saved, the message names the saved step, the resumed run is
+    bit-identical to an uninterrupted one."""
+    run = tmp_path / "run"
+    kind = type("Sig", (_Signals,), {"at": at, "signals": signals, "during_save": during_save})
+    monkeypatch.setattr(cgpyro.inference, "SVIInference", kind)
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--steps", "40", "--seed",
+                       "3", "--out", run, "--quiet")
+    assert code == 130 and f"interrupted at step {at}; checkpoint saved" in one_line(err)
+    assert _state(run)["step"] == at
+    monkeypatch.undo()
+    code, out, err = cli(capsys, "train", "--resume", run, "--quiet")
+    assert code == 0 and "trained 40 steps" in out, err
+    _assert_same_training(_state(run), _state(uninterrupted))
+
+
+def test_an_interrupt_at_the_convergence_step_resumes_to_the_same_end(world, tmp_path, capsys,
+                                                                      monkeypatch):
+    guide = _tol_guide(tmp_path / "g.toml")
+    full = tmp_path / "full"
+    assert main(["train", "--data", str(world / "d.npz"), "--guide", str(guide), "--steps",
+                 "40", "--out", str(full), "--quiet"]) == 0
+    converged_at = _state(full)["step"]
+    run = tmp_path / "run"
+    monkeypatch.setattr(cgpyro.inference, "SVIInference",
+                        type("Sig", (_Signals,), {"at": converged_at}))
+    code, _, _ = cli(capsys, "train", "--data", world / "d.npz", "--guide", guide, "--steps",
+                     "40", "--out", run, "--quiet")
+    assert code == 130 and _state(run)["extra"]["converged"] is True
+    monkeypatch.undo()
+    code, out, _ = cli(capsys, "train", "--resume", run, "--quiet")
+    assert code == 0 and f"trained {converged_at} steps" in out
+    _assert_same_training(_state(run), _state(full))
+
+
+def test_resources_beyond_memory_are_refused_up_front(world, tmp_path, capsys):
+    """Item 8: a network of 1.6e9 weights, a checkpoint that unpacks to more than allowed."""
+    spec = tmp_path / "huge.toml"
+    spec.write_text('[transition]\nhidden = [40000, 40000]\n[[virtual_observables]]\n'
+                    'constraint = "mass"\n')
+    start = time.perf_counter()
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--model", spec, "--out",
+                       tmp_path / "r", "--quiet")
+    line = one_line(err)
+    assert code == 1 and time.perf_counter() - start < 20
+    assert re.search(r"d.npz: training on 3 x 5 x 5 counts with 1,60\d,\d{3},\d{3} network "
+                     r"weights needs about \d+\.\d GiB of memory, more than the", line), line
+    assert list((tmp_path / "r").iterdir()) == []
+    with pytest.raises(CheckpointError, match=r"holds \d+ MiB of tensors, more than the 0 MiB"):
+        load_checkpoint(world / "run" / "checkpoint.pt", max_bytes=1000)
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(fifo)
+
+
+def test_large_data_is_announced_with_its_cost(world, tmp_path, capsys, monkeypatch):
+    """Item 11: above a threshold (1 GiB; lowered here) train says what it will cost."""
+    monkeypatch.setattr("cgpyro.run.WARN_BYTES", 1)
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--steps", "2", "--out",
+                       tmp_path / "r", "--quiet")
+    assert code == 0
+    assert "cgpyro: warning: training on 3 x 5 x 5 counts needs about 0 MiB of memory and " \
+           "writes checkpoints of about 0 MiB" in err
+
+
+def test_problems_are_found_before_training_and_named(world, tmp_path, capsys, monkeypatch):
+    """Item 9: a run directory that cannot be written to is refused before training; a full
+    disk says so; a constraint that is no function of tensors names the spec."""
+    import errno
+    import tempfile
+
+    run = copy_run(world, tmp_path)
+    before = (run / "checkpoint.pt").read_bytes()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(SVIInference, "fit", lambda *a, **k: pytest.fail("trained"))
+    code, _, err = cli(capsys, "train", "--resume", run, "--steps", "30", "--quiet")
+    assert code == 1 and "cannot write to the run directory (Read-only file system)" in \
+        one_line(err)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    monkeypatch.undo()
+
+    def full_disk(payload, tmp):
+        with open(tmp, "wb") as fh:
+            fh.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(os, "statvfs", lambda p: type("S", (), {"f_bavail": 0,
+                                                               "f_frsize": 4096})())
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--steps", "2", "--out",
+                       tmp_path / "full", "--quiet")
+    assert code == 1 and one_line(err).endswith("checkpoint.pt: No space left on device"), err
+    monkeypatch.undo()
+
+    spec = tmp_path / "m.toml"
+    spec.write_text('[[virtual_observables]]\nconstraint = "mass"\n[[virtual_observables]]\n'
+                    'name = "h"\nconstraint = "html:escape"\n')
+    code, _, err = cli(capsys, "train", "--data", world / "d.npz", "--model", spec, "--out",
+                       tmp_path / "r", "--quiet")
+    assert code == 1 and "m.toml" in one_line(err) and "AttributeError" in err
+
+
+def test_predict_refuses_data_on_another_grid(world, tmp_path, capsys):
+    """Item 10: data with another dt or other bin edges than the training data."""
+    train = load(world / "d.npz")
+    save(Dataset(train.counts, dt=train.dt * 2), tmp_path / "dt.npz")
+    save(Dataset(train.counts, bin_edges=np.linspace(0, 1, 6), dt=train.dt), tmp_path / "e.npz")
+    for name, message in (("dt.npz", "has dt = 8, the run was trained with dt = 4"),
+                          ("e.npz", "has other bin edges than the run was trained on")):
+        code, _, err = cli(capsys, *_predict_args(world / "run", tmp_path / name, tmp_path))
+        assert code == 1 and message in one_line(err) and "--allow-other-grid" in err
+        code, _, err = cli(capsys, *_predict_args(world / "run", tmp_path / name, tmp_path),
+                           "--allow-other-grid")
+        assert code == 0, err
+
+
+def test_resume_without_data_uses_the_runs_own(world, tmp_path, capsys):
+    """Issue 9 item 5: ``train --resume RUN`` as the README writes it."""
+    run = copy_run(world, tmp_path)
+    code, out, err = cli(capsys, "train", "--resume", run, "--steps", "22", "--quiet")
+    assert code == 0 and "trained 22 steps" in out, err
+    code, _, err = cli(capsys, "train", "--out", tmp_path / "new", "--quiet")
+    assert code == 2 and "argument --data: required with --out" in one_line(err)
+
+
+def test_every_option_has_help_and_the_wording_is_the_papers():
+    """Issue 9 item 8."""
+    from cgpyro.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")
+                                                         ._SubParsersAction))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings}: no help text"
+            if name in ("train", "predict", "reproduce"):  # "the seed's" clashed with --seed
+                assert "seed's" not in action.help, (name, action.option_strings)
+        assert "seed's" not in (command.description or ""), name
