@@ -27,10 +27,16 @@ def test_import_loads_no_heavy_dependency():
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
-def test_cli_help_and_simulator_stay_light():
-    """``cgpyro --help`` and the simulate path need neither torch nor ArviZ nor matplotlib."""
-    loaded = _modules_after("from cgpyro import cli\nfrom cgpyro.systems import simulate_dataset\n"
-                            "from cgpyro.data import save")
+def test_cli_help_and_simulate_stay_light(tmp_path):
+    """``cgpyro --help`` and ``cgpyro simulate`` need neither torch nor ArviZ nor matplotlib."""
+    out = tmp_path / "small.npz"
+    loaded = _modules_after(
+        "import contextlib as c, io\nfrom cgpyro.cli import main\n"
+        "with c.redirect_stdout(io.StringIO()), c.redirect_stderr(io.StringIO()):\n"
+        "    assert main(['--help']) == 0\n"
+        f"    assert main(['simulate', '--sequences', '2', '--steps', '2', '--particles', '100', "
+        f"'--out', {str(out)!r}]) == 0")
+    assert out.is_file()
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
