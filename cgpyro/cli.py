@@ -55,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 # -- flag types ------------------------------------------------------------------------------
-def _int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
+def _int_at_least(minimum: int, rule: str, maximum: int = 2**63 - 1) -> Callable[[str], int]:
     def check(text: str) -> int:
         try:
             value = int(text)
@@ -63,6 +63,8 @@ def _int_at_least(minimum: int, rule: str) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected {rule}, found {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"expected {rule}, found {value}")
+        if value > maximum:  # beyond torch's and numpy's int64 sizes: an internal error later
+            raise argparse.ArgumentTypeError(f"expected {rule} below 2**63, found {value:.3g}")
         return value
 
     check.__doc__ = f"argparse type: {rule}."

@@ -223,6 +223,9 @@ class Run:
         else:
             data_name = data_name or str(data)
             dataset = cgdata.load(data, max_bytes=max_bytes)
+        if dataset.n_bins < 2:
+            raise RunError(f"{data_name or 'data'}: counts has {dataset.n_bins} bin; the CG "
+                           "model needs at least 2 bins")
         model_spec = load_model_spec(model)
         built = _build_model(model_spec.path, dataset.n_bins, model_spec.file)
         guide_spec = load_guide(guide)
@@ -281,11 +284,11 @@ class Run:
         path = Path(path)
         if not path.is_dir():
             raise RunError(f"{path}: no such run directory")
-        missing = [f for f in RUN_FILES if not (path / f).is_file()]
-        if missing:
-            raise RunError(f"{path}: not a run directory (missing {', '.join(missing)})")
         lock = _Lock(path) if writable else None
         try:
+            missing = [f for f in RUN_FILES if not (path / f).is_file()]
+            if missing:
+                raise RunError(f"{path}: not a run directory (missing {', '.join(missing)})")
             if writable:
                 _probe_write(path)
             config = _read_config(path)
@@ -380,6 +383,15 @@ class Run:
         inference.fit(self.train, resume=resume)
         _write_text(self.path / "config.json", json.dumps(self.config, indent=2))
         return inference
+
+    def resume(self, data=None, *, steps: int | None = None, **kwargs):
+        """Continue training from ``checkpoint.pt``; ``data`` (optional, a Dataset) must be the
+        run's training data. Other arguments as :meth:`fit`."""
+        if not self.checkpoint.is_file():
+            raise RunError(f"{self.path}: no checkpoint.pt to resume from")
+        if data is not None:
+            self.check_data(data, "data")
+        return self.fit(steps=steps, **kwargs)
 
     def load(self):
         """The trained state (no training): an :class:`~cgpyro.inference.SVIInference`."""

@@ -305,6 +305,12 @@ BAD_INPUTS = [
      "cannot create the directory (Not a directory)"),
     ("simulate: --particles 0", _args("simulate", "--particles", "0", "--out", "{tmp}/d.npz"), 2,
      "argument --particles: expected a positive integer, found 0"),
+    ("simulate: --sequences 1e23", _args("simulate", "--sequences", str(10**23), "--out",
+                                         "{tmp}/d.npz"), 2,
+     "argument --sequences: expected a positive integer below 2**63, found 1e+23"),
+    ("data: one bin", lambda w, t: ["train", "--data", _npz(t, "one.npz", counts=np.full(
+        (2, 3, 1), 5)), "--out", t / "r", "--quiet"], 1,
+     "one.npz: counts has 1 bin; the CG model needs at least 2 bins"),
 ]
 
 
@@ -1119,3 +1125,29 @@ def test_every_option_has_help_and_the_wording_is_the_papers():
             if name in ("train", "predict", "reproduce"):  # "the seed's" clashed with --seed
                 assert "seed's" not in action.help, (name, action.option_strings)
         assert "seed's" not in (command.description or ""), name
+
+
+def test_the_run_object_from_python(world, tmp_path):
+    """Issue 10 item 3: create / fit / open / resume / forecast without the command line; the
+    lock is held while the run is open for writing and released by ``with``."""
+    from cgpyro.cli import load_run
+    from cgpyro.run import Run, RunError, RunLockedError
+
+    data = load(world / "d.npz")
+    with Run.create(tmp_path / "r", data, steps=4, seed=3) as run:
+        with pytest.raises(RunLockedError, match="in use by another cgpyro process"):
+            Run.open(tmp_path / "r", writable=True)
+        inference = run.fit(progress=False)
+        assert inference.step == 4
+    with Run.open(tmp_path / "r", writable=True) as run:
+        with pytest.raises(RunError, match="other counts than"):
+            run.resume(load(world / "other.npz"), steps=6, progress=False)
+        assert run.resume(data, steps=6, progress=False).step == 6
+    opened = Run.open(tmp_path / "r")
+    with pytest.raises(RunError, match="opened read-only"):
+        opened.fit()
+    result = opened.forecast(data, 3, num_samples=4, seed=0)
+    arrays = result.to_npz_dict()
+    assert all(np.isfinite(v).all() for v in arrays.values())
+    model, inference, train, config = load_run(tmp_path / "r")  # the old entry point
+    assert inference.step == 6 and config["steps"] == 6 and train.counts.shape == (3, 5, 5)
