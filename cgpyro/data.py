@@ -363,23 +363,34 @@ def _read_netcdf3(path: Path, max_bytes: int | None) -> dict[str, object]:
     except ImportError:
         raise DataError(f"{path}: NetCDF-3 (classic) files need scipy (pip install scipy), "
                         "or convert it with: nccopy -k netCDF-4 IN.nc OUT.nc") from None
-    with warnings.catch_warnings():  # scipy warns when arrays still reference the mmap
-        warnings.simplefilter("ignore")
-        with netcdf_file(path, "r", mmap=True) as nc:
-            variables = nc.variables
-            if "counts" not in variables:
-                raise DataError(f"{path}: missing variable 'counts' "
-                                f"(found {sorted(variables)})")
-            counts = variables["counts"]
-            _check_size(path, counts.shape, counts.data.dtype.itemsize, max_bytes)
-            order = _order(path, tuple(counts.dimensions)) if len(counts.shape) == 3 else None
-            arrays = {"counts": np.array(counts.data if order is None
-                                         else np.transpose(counts.data, order))}
-            for key in ("bin_edges", "dt"):
-                if key in variables:
-                    arrays[key] = np.array(variables[key].data)
-            _global_dt(path, arrays, nc._attributes)
-            return arrays
+    try:
+        with warnings.catch_warnings():  # scipy warns when arrays still reference the mmap
+            warnings.simplefilter("ignore")
+            with netcdf_file(path, "r", mmap=True) as nc:
+                return _netcdf3_arrays(path, nc, max_bytes)
+    except DataError:
+        raise
+    except Exception as exc:  # scipy's pure-Python parser of a damaged file raises about
+        # anything (IndexError, struct.error, TypeError, ... seen fuzzing); it runs no code
+        # from the file, so any failure means damage
+        raise DataError(f"{path}: cannot read as NetCDF-3 ({type(exc).__name__}: "
+                        f"{_one_line(exc)[:200]})") from None
+
+
+def _netcdf3_arrays(path: Path, nc, max_bytes: int | None) -> dict[str, object]:
+    variables = nc.variables
+    if "counts" not in variables:
+        raise DataError(f"{path}: missing variable 'counts' (found {sorted(variables)})")
+    counts = variables["counts"]
+    _check_size(path, counts.shape, counts.data.dtype.itemsize, max_bytes)
+    order = _order(path, tuple(counts.dimensions)) if len(counts.shape) == 3 else None
+    arrays = {"counts": np.array(counts.data if order is None
+                                 else np.transpose(counts.data, order))}
+    for key in ("bin_edges", "dt"):
+        if key in variables:
+            arrays[key] = np.array(variables[key].data)
+    _global_dt(path, arrays, nc._attributes)
+    return arrays
 
 
 def load(path: str | os.PathLike, max_bytes: int | None = None) -> Dataset:

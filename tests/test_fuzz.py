@@ -173,6 +173,53 @@ def test_malformed_data_files_give_data_error(good, tmp_path, suffix, structural
     assert outcomes["refused"] > N_FILES // 2, outcomes
 
 
+def _netcdf3(path: Path, counts: np.ndarray, dims=("sequence", "time", "bin")) -> Path:
+    from scipy.io import netcdf_file
+
+    order = [("sequence", "time", "bin").index(d) for d in dims]
+    with netcdf_file(path, "w") as f:
+        for name, size in zip(dims, np.transpose(counts, order).shape, strict=True):
+            f.createDimension(name, size)
+        f.createVariable("counts", "i4", dims)[:] = np.transpose(counts, order)
+        f.dt = 2.0
+    return path
+
+
+def test_malformed_netcdf3_files_give_data_error(good, tmp_path):
+    """The NetCDF-3 reader (issue 9) on damaged classic files: DataError or a valid read."""
+    pytest.importorskip("scipy.io")
+    counts = load(good / "d.npz").counts
+    good_bytes = _netcdf3(tmp_path / "good.nc", counts).read_bytes()
+    rng = np.random.default_rng(2)
+    paths = []
+    for i in range(N_FILES):
+        data = _mutate_bytes(rng, good_bytes)
+        if i % 2:  # keep the signature so that the NetCDF-3 reader, not h5py, sees it
+            data = b"CDF\x01" + data[4:]
+        (tmp_path / f"f{i}.nc").write_bytes(data)
+        paths.append(tmp_path / f"f{i}.nc")
+    outcomes = _outcomes(paths, load, DataError)
+    assert outcomes["refused"] > N_FILES // 2, outcomes
+
+
+def test_netcdf_dimension_orders_read_back_the_same(good, tmp_path):
+    """Every order of the named dimensions, NetCDF-4 and NetCDF-3, reads as the original."""
+    import itertools
+
+    import xarray as xr
+
+    pytest.importorskip("scipy.io")
+    original = load(good / "d.npz")
+    for i, dims in enumerate(itertools.permutations(("sequence", "time", "bin"))):
+        order = [("sequence", "time", "bin").index(d) for d in dims]
+        path = tmp_path / f"p{i}.nc"
+        xr.Dataset({"counts": (dims, np.transpose(original.counts, order))},
+                   attrs={"dt": 2.0}).to_netcdf(path, engine="h5netcdf")
+        for read in (load(path), load(_netcdf3(tmp_path / f"c{i}.nc", original.counts, dims))):
+            np.testing.assert_array_equal(read.counts, original.counts)
+            assert read.dt == 2.0
+
+
 def _structural_checkpoint(rng, payload: dict, path: Path) -> None:
     """The real payload with one entry replaced by a value of another type or shape."""
     junk = [None, 3, -1, "x", [1, "a"], {"a": torch.zeros(2)}, torch.zeros(0),
