@@ -12,6 +12,11 @@ per particle; the leftover table slots (about 0.16 % of the mass for the paper's
 the particle to an inverse-CDF draw from the normalized residual ``K_d - floor(K_d 2^16)/2^16``.
 The mixture reproduces ``K`` exactly (up to float64 round-off of ``K`` itself). Arrays follow
 the (sequence, time, site) convention; counts are int64.
+
+Random initial densities come in ``FAMILIES`` ("fourier", "bumps", "steps"; ``random_density``)
+so that models can be tested on initial conditions unlike their training data. At scale,
+particles move in blocks of 2**20 (scratch memory independent of ``n_particles``) and
+``ParticleSystem.simulate_binned`` keeps only a chunk of sequences' sites in memory.
 """
 
 from __future__ import annotations
