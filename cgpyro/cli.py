@@ -391,7 +391,8 @@ def _run_predict(args: argparse.Namespace) -> int:
                    max_bytes=max_bytes)
     dataset = load(args.data, max_bytes=max_bytes)
     result = run.forecast(dataset, args.horizon, num_samples=args.samples, seed=args.seed,
-                          allow_other_grid=args.allow_other_grid)
+                          allow_other_grid=args.allow_other_grid, name=f"--data {args.data}",
+                          max_bytes=max_bytes)
     arrays = result.to_npz_dict()
 
     def write(tmp):

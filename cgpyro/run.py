@@ -33,6 +33,10 @@ _DIGESTS = ("model_sha256", "guide_sha256", "data_sha256")
 # checkpoint, i.e. ~300 and ~48 bytes per count.
 _BYTES_PER_COUNT, _CHECKPOINT_BYTES_PER_COUNT = 300, 48
 _BYTES_PER_THETA = 64  # value, gradient, two Adam slots, prior and warm-start copies (float64)
+# One SVI step took 2.5 s on 4000 x 10 x 25 counts (physics model, one busy CPU thread);
+# ~20 s on 1e5 x 10 x 25 in issue 8: order 1 microsecond per count.
+_SECONDS_PER_COUNT_STEP = 1e-6
+_FORECAST_BYTES_PER_VALUE = 48  # states and observations per sample, float64, and summaries
 WARN_BYTES = 2**30
 
 
@@ -334,9 +338,12 @@ class Run:
                            f"{gib(limit)} available; train on fewer sequences "
                            "(--no-memory-check to try anyway)")
         if cost["bytes"] > WARN_BYTES:
+            step = math.prod(self.train.counts.shape) * _SECONDS_PER_COUNT_STEP
             warnings.warn(f"training on {shape} counts needs about {gib(cost['bytes'])} of "
                           f"memory and writes checkpoints of about "
-                          f"{gib(cost['checkpoint_bytes'])}; fewer sequences train faster",
+                          f"{gib(cost['checkpoint_bytes'])}; expect very roughly {step:.2g} s "
+                          f"per step ({step * self.config['steps'] / 3600:.2g} h for "
+                          f"{self.config['steps']} steps); fewer sequences train faster",
                           UserWarning, stacklevel=3)
 
     def _inference(self, *, steps: int, progress: bool, callbacks, checkpoint: bool):
@@ -403,13 +410,16 @@ class Run:
         return self.inference
 
     def forecast(self, data, horizon: int, *, num_samples: int = 200, seed: int = 0,
-                 allow_other_grid: bool = False, name: str = "--data"):
+                 allow_other_grid: bool = False, name: str = "--data",
+                 max_bytes: int | None = None):
         """Posterior forecast of ``data`` (a Dataset) ``horizon`` steps past its last snapshot.
 
         Data on another grid (bin edges) or time step ``dt`` than the training data is
-        refused unless ``allow_other_grid``. Returns a :class:`~cgpyro.predict.ForecastResult`
-        (arrays (sample, sequence, time, bin)).
+        refused unless ``allow_other_grid``; so is a forecast whose samples would need more
+        than ``max_bytes`` (default: the available memory). Returns a
+        :class:`~cgpyro.predict.ForecastResult` (arrays (sample, sequence, time, bin)).
         """
+        from .checkpoint import available_memory, gib
         from .guides import guide_for_new_sequences
         from .predict import forecast
 
@@ -424,6 +434,14 @@ class Run:
             if not np.allclose(data.bin_edges, train.bin_edges, rtol=1e-9, atol=1e-12):
                 raise RunError(f"{name} has other bin edges than the run was trained on "
                                "(--allow-other-grid to forecast anyway)")
+        need = (num_samples * data.n_sequences * (data.n_times + horizon) * data.n_bins
+                * _FORECAST_BYTES_PER_VALUE)
+        limit = available_memory() if max_bytes is None else max_bytes
+        if need > limit:
+            raise RunError(f"{name}: a forecast of {num_samples} samples x {data.n_sequences} "
+                           f"sequences x {data.n_times + horizon} steps x {data.n_bins} bins "
+                           f"needs about {gib(need)}, more than the {gib(limit)} available; "
+                           "ask for fewer samples, sequences or steps")
         inference = self.load()
         same = data.counts.shape == train.counts.shape and np.array_equal(data.counts,
                                                                            train.counts)

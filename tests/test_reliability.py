@@ -267,7 +267,7 @@ BAD_INPUTS = [
     ("predict: data with other bins", _args("predict", "--run", "{run}", "--data",
                                             "{w}/bins8.npz", "--horizon", "2", "--out",
                                             "{tmp}/p.npz"), 1,
-     "--data has 8 bins, the run was trained on 5"),
+     "bins8.npz has 8 bins, the run was trained on 5"),
     ("predict: --out .csv", _args(*PREDICT[:-1], "{tmp}/p.csv"), 2,
      "argument --out: expected a file ending in .npz, found"),
     ("predict: --out in a missing directory", _args(*PREDICT[:-1], "{tmp}/no/p.npz"), 2,
@@ -1045,7 +1045,11 @@ def test_large_data_is_announced_with_its_cost(world, tmp_path, capsys, monkeypa
                        tmp_path / "r", "--quiet")
     assert code == 0
     assert "cgpyro: warning: training on 3 x 5 x 5 counts needs about 0 MiB of memory and " \
-           "writes checkpoints of about 0 MiB" in err
+           "writes checkpoints of about 0 MiB; expect very roughly 7.5e-05 s per step" in err
+    code, _, err = cli(capsys, *_predict_args(world / "run", world / "d.npz", tmp_path)[:-4],
+                       "--samples", "1000000000", "--out", tmp_path / "p.npz")
+    assert code == 1 and "a forecast of 1000000000 samples x 3 sequences x 7 steps x 5 bins " \
+        "needs about" in one_line(err)
 
 
 def test_problems_are_found_before_training_and_named(world, tmp_path, capsys, monkeypatch):
