@@ -483,23 +483,34 @@ class FluxDrift(nn.Module):
         """Remember the training data's mean particle total ``N_ref`` (input normalisation)."""
         self.total_ref = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
 
-    def initial_fit(self, counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    def initial_fit(self, counts: torch.Tensor, max_pairs: int = 8192) -> dict[str, torch.Tensor]:
         """Empirical Bayes for the linear part on pairs of empirical fractions.
 
         Bayesian linear regression of ``m_{t+1}/N - m_t/N`` on the jump features with priors
         ``N(0, jump_scale²)`` (jumps) and ``N(0, correction_scale²)`` (δ), Gaussian residuals;
-        the two scales and the residual variance maximise the log evidence (L-BFGS on its closed
-        form, weights integrated out), the weights are their posterior mean. Returns values of
+        the two scales and the residual variance maximise the log evidence (L-BFGS on its
+        closed form, weights integrated out), the weights are their posterior mean. Returns values of
         ``jump_scale, jumps, correction_scale, delta`` (relative names).
 
         :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
+        :param max_pairs: at most this many (evenly spread) pairs of snapshots are used.
         """
         frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
         x = frac[:, :-1].reshape(-1, self.n_bins)
-        y = (frac[:, 1:] - frac[:, :-1]).reshape(-1)
+        y = (frac[:, 1:] - frac[:, :-1]).reshape(-1, self.n_bins)
+        if x.shape[0] > max_pairs:  # evenly spread pairs: plenty for the few hundred weights
+            keep = torch.linspace(0, x.shape[0] - 1, max_pairs).round().long()
+            x, y = x[keep], y[keep]
+        P = self._n_linear()
+        G = torch.zeros(P, P, dtype=torch.float64)
+        r = torch.zeros(P, dtype=torch.float64)
+        chunk = max(1, 2**22 // (self.n_bins * P))  # Gram statistics in bounded memory
         with torch.no_grad():
-            Phi = self._features(x).reshape(-1, self._n_linear())
-        return self._evidence_fit(Phi.T @ Phi, Phi.T @ y, y @ y, y.numel())
+            for i in range(0, x.shape[0], chunk):
+                Phi = self._features(x[i:i + chunk]).reshape(-1, P)
+                G += Phi.T @ Phi
+                r += Phi.T @ y[i:i + chunk].reshape(-1)
+        return self._evidence_fit(G, r, y.pow(2).sum(), y.numel())
 
     def sample_linear(self, num_samples: int) -> dict[str, torch.Tensor]:
         """Draws of ``jumps`` ``(S, 1, 2·radius)`` and ``delta`` ``(S, 1, B, 2c)`` from the
