@@ -6,15 +6,27 @@ linearly in the number of (particle, step) pairs; their note says "extrapolated"
 ``particle_steps_per_s`` counts micro particle-steps (1,600 per coarse step), so every row is
 comparable with naive micro-stepping.
 
-Usage: ``python benchmarks/bench_simulate.py [--quick]``.
+``--scale`` runs the simulator at scale instead (issue 13): 10**7 particles per sequence and
+10**4 sequences, through ``ParticleSystem.simulate_binned`` (chunks of sequences, blocks of
+particles), each row in a fresh process so its peak RSS is its own; it writes
+``benchmarks/simulate.md`` (with ``--write``).
+
+Usage: ``python benchmarks/bench_simulate.py [--quick] [--scale [--write]]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -157,7 +169,85 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- at scale --------------------------------------------------------------------------------
+SCALE = {
+    # name: (n_sequences, n_steps, n_particles, chunk_size)
+    "1e7 particles": (4, 40, 10_000_000, 64),
+    "1e4 sequences": (10_000, 9, 250_000, 64),
+}
+SCALE_QUICK = {
+    "1e7 particles": (1, 4, 10_000_000, 64),
+    "1e4 sequences": (1_000, 2, 250_000, 64),
+}
+
+
+def _scale_child(n_sequences: int, n_steps: int, n_particles: int, chunk_size: int) -> dict:
+    """One scale row in this (fresh) process: wall time and this process's peak RSS."""
+    system = ParticleSystem(n_particles=n_particles)
+    system.simulate_binned(1, 1, seed=1)  # kernel and sampler tables, outside the timing
+    start = time.perf_counter()
+    data = system.simulate_binned(n_sequences, n_steps, n_bins=25, seed=0, chunk_size=chunk_size)
+    wall = time.perf_counter() - start
+    assert data.counts.shape == (n_sequences, n_steps + 1, 25)
+    assert (data.counts.sum(-1) == n_particles).all()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux
+    return {"wall_s": wall, "peak_rss_MB": peak_kb / 1024}
+
+
+def run_scale(quick: bool = False) -> list[dict]:
+    """Scale rows: name, size, wall_s, peak_rss_MB, coarse and micro particle-steps per second."""
+    rows = []
+    for name, (n_seq, n_steps, n_part, chunk) in (SCALE_QUICK if quick else SCALE).items():
+        out = subprocess.run(
+            [sys.executable, __file__, "--_child", json.dumps([n_seq, n_steps, n_part, chunk])],
+            capture_output=True, text=True, check=True,
+        )
+        res = json.loads(out.stdout.splitlines()[-1])
+        coarse = n_seq * n_steps * n_part
+        rows.append({
+            "name": name,
+            "size": f"{n_seq:,} seq x {n_steps + 1} snapshots x {n_part:,} particles, "
+                    f"chunks of {chunk}",
+            **res,
+            "coarse_per_s": coarse / res["wall_s"],
+            "micro_per_s": coarse * ParticleSystem().micro_steps / res["wall_s"],
+        })
+    return rows
+
+
+def scale_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| name | size | wall_s | peak_rss_MB | particle-coarse-steps/s | particle-steps/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['name']} | {r['size']} | {r['wall_s']:.1f} | {r['peak_rss_MB']:.0f} | "
+            f"{r['coarse_per_s']:.2e} | {r['micro_per_s']:.2e} |"
+        )
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="reduced sizes (seconds)")
-    print(to_markdown(run(quick=parser.parse_args().quick)))
+    parser.add_argument("--scale", action="store_true", help="10^7 particles, 10^4 sequences")
+    parser.add_argument("--write", action="store_true", help="with --scale: write simulate.md")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        print(json.dumps(_scale_child(*json.loads(args._child))))
+    elif args.scale:
+        table = scale_markdown(run_scale(quick=args.quick))
+        print(table)
+        if args.write:
+            header = (
+                f"Machine: {platform.processor() or platform.machine()}, "
+                f"{os.cpu_count()} cores, Python {platform.python_version()}, numpy "
+                f"{np.__version__}; `python benchmarks/bench_simulate.py --scale --write`"
+                f"{' --quick' if args.quick else ''}\n"
+            )
+            path = Path(__file__).with_name("simulate.md")
+            path.write_text("# Simulator at scale\n\n" + header + "\n" + table + "\n")
+    else:
+        print(to_markdown(run(quick=args.quick)))
