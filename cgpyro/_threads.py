@@ -87,13 +87,17 @@ def _work(bound: inspect.BoundArguments) -> int:
     if len(shape) == 3 and args.get("horizon"):
         work = work // shape[1] * (shape[1] + int(args["horizon"]))
     self = args.get("self")
+    batch = getattr(self, "batch_size", None)  # minibatch SVI touches batch_size sequences
+    if batch and len(shape) == 3 and 0 < batch < shape[0]:
+        work = work // shape[0] * batch
     return work * int(args.get("num_samples") or getattr(self, "num_particles", 1) or 1)
 
 
 def with_auto_threads(fn: Callable) -> Callable:
     """Decorator: run ``fn`` under :func:`torch_threads` sized by :func:`threads_for` of its
     ``data`` argument (counts ``(n_sequences, n_times, n_bins)``, times ``num_samples`` or the
-    inference's ``num_particles``). Arguments that cannot be sized run with one thread; ``fn``'s
+    inference's ``num_particles``; ``batch_size`` sequences per step for minibatch SVI).
+    Arguments that cannot be sized run with one thread; ``fn``'s
     own validation reports them.
     """
     signature = inspect.signature(fn)

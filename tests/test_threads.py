@@ -10,8 +10,10 @@ from cgpyro._threads import WORK_PER_THREAD, threads_for, torch_threads, with_au
 
 
 @pytest.fixture
-def two_threads():
-    """The caller runs with 2 threads (conftest sets 1 for the suite); restored afterwards."""
+def two_threads(monkeypatch):
+    """The caller runs with 2 threads (conftest sets 1 for the suite) on what looks like an
+    8-core machine, whatever this one has; restored afterwards."""
+    monkeypatch.setattr("cgpyro._threads._available_cores", lambda: 8)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
@@ -62,6 +64,22 @@ def test_decorator_sizes_by_data_and_samples(two_threads):
     assert seen == [1, 2, 1, 1]
     assert torch.get_num_threads() == 2
     assert run.__name__ == "run"
+
+
+def test_decorator_counts_particles_and_minibatches(two_threads):
+    class Inference:
+        def __init__(self, num_particles=1, batch_size=None):
+            self.num_particles, self.batch_size = num_particles, batch_size
+
+        @with_auto_threads
+        def fit(self, data):
+            return torch.get_num_threads()
+
+    big = np.zeros((1024, 41, 25))  # 1.05 M numbers per step and particle
+    assert Inference().fit(big) == 1
+    assert Inference(num_particles=4).fit(big) == 2
+    assert Inference(num_particles=4, batch_size=64).fit(big) == 1  # 64 of 1024 sequences a step
+    assert Inference(num_particles=4, batch_size=4096).fit(big) == 2  # batch > data: all of it
 
 
 def test_decorator_leaves_bad_calls_to_the_function(two_threads):
