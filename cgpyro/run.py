@@ -106,6 +106,12 @@ def _probe_write(path: Path) -> None:
                        f"({exc.strerror or exc})") from None
 
 
+def _is_run_file(name: str) -> bool:
+    """A run file, or a temporary file of an atomic write of one that a crash left behind."""
+    return name in RUN_FILES or (name.startswith(tuple(f".{f}." for f in RUN_FILES))
+                                 and name.endswith(".tmp"))
+
+
 def _read_config(run: Path) -> dict:
     """The run's ``config.json``, checked key by key (a damaged file is one error line)."""
     path = run / "config.json"
@@ -258,7 +264,7 @@ class Run:
             if (path / "checkpoint.pt").exists():
                 raise RunError(f"{path}: already holds a trained run (checkpoint.pt); continue "
                                f"it with --resume {path}, or choose a new directory")
-            others = sorted(p.name for p in path.iterdir() if p.name not in RUN_FILES)
+            others = sorted(p.name for p in path.iterdir() if not _is_run_file(p.name))
             if others:
                 shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
                 raise RunError(f"{path}: holds files that are not part of a cgpyro run "

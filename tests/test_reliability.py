@@ -1155,3 +1155,22 @@ def test_the_run_object_from_python(world, tmp_path):
     assert all(np.isfinite(v).all() for v in arrays.values())
     model, inference, train, config = load_run(tmp_path / "r")  # the old entry point
     assert inference.step == 6 and config["steps"] == 6 and train.counts.shape == (3, 5, 5)
+
+
+def test_runs_without_digests_still_open(world, tmp_path, capsys):
+    """Run directories written before the digests (format 1) open as before; a directory
+    left by a run that crashed before its first checkpoint can be trained into again."""
+    import json
+
+    run = copy_run(world, tmp_path)
+    config = json.loads((run / "config.json").read_text())
+    for key in ("format", "model_sha256", "guide_sha256", "data_sha256", "constraints"):
+        config.pop(key)
+    (run / "config.json").write_text(json.dumps(config))
+    code, _, err = cli(capsys, *_predict_args(run, world / "d.npz", tmp_path))
+    assert code == 0, err
+    (run / "checkpoint.pt").unlink()
+    (run / ".checkpoint.pt.abc123.tmp").write_bytes(b"partial")
+    code, out, err = cli(capsys, "train", "--data", world / "d.npz", "--steps", "2", "--out", run,
+                         "--quiet")
+    assert code == 0 and "trained 2 steps" in out, err
