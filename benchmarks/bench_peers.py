@@ -36,7 +36,7 @@ Methods:
 
 Usage: ``python benchmarks/bench_peers.py [--quick] [--models physics,particles_paper]
 [--write]``; ``--write`` writes ``benchmarks/peers.md``. ``--quick``: 300 SVI steps, 8 test
-sequences, 100 000 particles (a few minutes on 2 cores).
+sequences, 100,000 particles.
 """
 
 from __future__ import annotations
