@@ -284,7 +284,7 @@ GUIDE_ERRORS = [
      r"\[guide\] window: expected an integer >= 0, found -1"),
     ("[guide]\nkind = 'auto'\nfamily = 'flow'\n", r"\[guide\] family: expected one of 'normal'"),
     ("[guide]\nkind = 'auto'\nrank = 0\n", r"\[guide\] rank: expected an integer >= 1, found 0"),
-    ("[svi]\nstep = 10\n", r"\[svi\] unknown key 'step'; allowed: checkpoint_every, elbo, lr"),
+    ("[svi]\nstep = 10\n", r"\[svi\] unknown key 'step'; allowed: batch_size, checkpoint_every, elbo, lr"),
     ("[svi]\nsteps = 0\n", r"\[svi\] steps: expected an integer >= 1, found 0"),
     ("[svi]\nsteps = 10.5\n", r"\[svi\] steps: expected an integer >= 1, found 10.5"),
     ("[svi]\nlr = 'fast'\n", r"\[svi\] lr: expected a number > 0, found 'fast'"),
