@@ -225,6 +225,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
                         help="random seed of a new run (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="torch device (default: cpu, or the run's with --resume)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="sequences per SVI step of a new run (minibatch SVI; default: "
+                             "the guide spec's batch_size, else all)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="new run directory (empty or missing)")
     where.add_argument("--resume", type=Path, help="continue the run in this directory")
@@ -319,7 +322,8 @@ def _run_train(args: argparse.Namespace) -> int:
                              "imports the constraints of the spec you name)")
         out = _writable_dir(args.out)
         run = Run.create(out, args.data, args.model, args.guide, steps=args.steps,
-                         seed=args.seed, device=args.device or "cpu", max_bytes=max_bytes)
+                         seed=args.seed, device=args.device or "cpu", max_bytes=max_bytes,
+                         batch_size=args.batch_size)
     signals = _StepBoundarySignals()
     with run:
         try:

@@ -209,7 +209,7 @@ class Run:
     @classmethod
     def create(cls, path, data, model="physics", guide="lognormal", *, steps: int | None = None,
                seed: int = 0, device: str = "cpu", max_bytes: int | None = None,
-               data_name: str | None = None) -> Run:
+               data_name: str | None = None, batch_size: int | None = None) -> Run:
         """A new run in ``path`` (created if missing; it must be empty or hold only the files of
         a run that never saved a checkpoint) for ``data`` (a Dataset or a data file).
 
@@ -217,6 +217,8 @@ class Run:
         :param steps: total SVI steps (default: the guide spec's).
         :param max_bytes: memory the run may need (default: the available memory).
         :param data_name: how messages name the data (default: its path).
+        :param batch_size: sequences per SVI step (minibatch SVI; default: the guide spec's,
+            else all).
         """
         from . import data as cgdata
         from .specs import load_guide, load_model_spec
@@ -250,6 +252,10 @@ class Run:
             "guide_sha256": _sha256(guide_spec.source), "data_sha256": data_digest(dataset),
             "constraints": constraints,
         }
+        if batch_size is not None:
+            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+                raise RunError(f"batch_size must be a positive integer, got {batch_size!r}")
+            config["batch_size"] = batch_size
         run = cls(path, config, built, guide_spec, dataset)
         run.data_name = data_name
         run._check_memory(max_bytes)
@@ -356,6 +362,8 @@ class Run:
         from . import inference as cginference  # module attribute: tests substitute the class
 
         svi = {**self.guide_spec.svi, "steps": steps}
+        if self.config.get("batch_size") is not None:
+            svi["batch_size"] = self.config["batch_size"]
         return cginference.SVIInference(
             self.model, guide=self.guide_spec.factory, seed=self.config["seed"],
             device=self.config["device"], checkpoint=self.checkpoint if checkpoint else None,

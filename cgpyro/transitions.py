@@ -332,11 +332,12 @@ class FluxDrift(nn.Module):
             raise ValueError(f"radius must be 'auto' or an integer in [1, (n_bins-1)//2 = "
                              f"{(B - 1) // 2}], got {radius!r}")
         if isinstance(correction_radius, bool) or not isinstance(correction_radius, int) \
-                or not 0 <= correction_radius <= radius:
-            raise ValueError(f"correction_radius must be an integer in [0, radius = {radius}], "
-                             f"got {correction_radius!r}")
+                or correction_radius < 0:
+            raise ValueError(f"correction_radius must be a non-negative integer, got "
+                             f"{correction_radius!r}")
+        correction_radius = min(correction_radius, radius)  # a spec's value is "up to" 
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 \
-                or kernel % 2 == 0 or kernel > B:
+                or kernel % 2 == 0 or (channels and kernel > B):
             raise ValueError(f"kernel must be an odd integer in [1, n_bins = {B}], got {kernel!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")

@@ -41,3 +41,18 @@ def test_curve_command_writes_table_and_figure(tmp_path):
     assert main(["curve", "--data", str(tmp_path / "train.npz"), "--test",
                  str(tmp_path / "test.npz"), "--sizes", "1,x", "--out",
                  str(tmp_path / "c2")]) != 0
+
+
+def test_train_batch_size_flag_trains_on_minibatches(tmp_path):
+    import json
+
+    from cgpyro.cli import main
+    from cgpyro.data import save
+
+    data, _ = simulate_dataset(n_sequences=6, n_steps=3, n_particles=20_000, n_bins=8, seed=2)
+    save(data, tmp_path / "d.npz")
+    assert main(["train", "--data", str(tmp_path / "d.npz"), "--steps", "10", "--batch-size",
+                 "2", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 2
+    assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"),
+                 "--horizon", "2", "--samples", "10", "--out", str(tmp_path / "p.npz")]) == 0
