@@ -140,6 +140,8 @@ def main() -> None:
     p.add_argument("--curve", default=None, metavar="SIZES",
                    help="also a learning curve of the first model over these training-set "
                    "sizes (e.g. 1,2,4,8,16,64), normalised by the floor, into OUT's folder")
+    p.add_argument("--curve-only", action="store_true",
+                   help="with --curve: skip the models' rows of the table")
     a = p.parse_args()
 
     system = ExclusionSystem()
@@ -178,7 +180,7 @@ def main() -> None:
         "mass_error": float(np.max(np.where(np.isfinite(q_mass), q_mass, np.inf)))})
     score("hydrodynamic PDE (true FG state at T)", data["pde"], {})
 
-    for name in [m for m in a.models.split(",") if m]:
+    for name in [m for m in a.models.split(",") if m] if not a.curve_only else []:
         spec = ROOT / "models" / f"{name}.toml"
         if not spec.is_file() and not Path(name).is_file():
             print(f"skipping model {name!r}: no spec {spec.relative_to(ROOT)}")
