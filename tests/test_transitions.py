@@ -145,7 +145,7 @@ def test_flux_spec_errors_name_the_key(tmp_path):
     bad.write_text(base.format("hidden = [25]"))
     with pytest.raises(SpecError, match="hidden: is an mlp setting"):
         load_model(bad, n_bins=16)
-    bad.write_text(base.format("kernel = 9"))
+    bad.write_text(base.format("kernel = 9\nchannels = [4]"))
     with pytest.raises(SpecError, match="for 8 bins: kernel must be an odd integer in"):
         load_model(bad, n_bins=8)
 
