@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NB_STAMP := $(VENV)/.notebook-installed
 
-.PHONY: install test demo bench lint clean notebook
+.PHONY: install test demo bench bench-matrix bench-curves bench-exclusion bench-peers \
+        bench-scale bench-simulate bench-gpu lint clean notebook
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,23 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	MPLBACKEND=Agg $(PY) benchmarks/run.py --out benchmarks/results.md
+
+# Longer benchmarks, each rewriting its own table in benchmarks/ (times on 2 cores, one thread).
+bench-matrix: $(STAMP)      # ~1.5 h: 9 cells x n = 1, 4, 64
+	MPLBACKEND=Agg $(PY) benchmarks/matrix.py --jsonl benchmarks/matrix.jsonl --out benchmarks/matrix.md
+bench-curves: $(STAMP)      # ~30 min per bin count
+	MPLBACKEND=Agg $(PY) benchmarks/curves.py --bins 25 --out benchmarks/curves
+bench-exclusion: $(STAMP)   # ~15 min (simulation cached in data/generated/)
+	MPLBACKEND=Agg $(PY) benchmarks/bench_exclusion.py --out benchmarks/exclusion.md
+bench-peers: $(STAMP)       # pysindy + pydmd (the `bench` extra)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
+	MPLBACKEND=Agg $(PY) benchmarks/bench_peers.py --write
+bench-scale: $(STAMP)
+	MPLBACKEND=Agg $(PY) benchmarks/bench_scale.py --sizes 64,1000,10000 --out benchmarks/scale.md
+bench-simulate: $(STAMP)
+	MPLBACKEND=Agg $(PY) benchmarks/bench_simulate.py --scale --write
+bench-gpu: $(STAMP)         # on a CUDA machine: writes benchmarks/gpu.md naming the card
+	benchmarks/gpu.sh
 
 # JupyterLab + ipywidgets (the `notebook` extra) on the project's kernel; `make test` and
 # `make demo` never install them. Extra flags: make notebook JUPYTER_ARGS=--no-browser

@@ -9,6 +9,7 @@ import pyro
 import torch
 from pyro import poutine
 
+from ._threads import with_auto_threads
 from .data import DataError
 from .guides import LogNormalGuide
 from .inference import NumericalError, _describe_invalid, _is_invalid_values, as_counts
@@ -62,6 +63,7 @@ class Forecast:
         return {"mean": self.mean, "lower": self.lower, "upper": self.upper, "mass": self.mass}
 
 
+@with_auto_threads  # one torch thread for small problems (issue 9)
 @torch.no_grad()
 def forecast(
     model,
