@@ -274,12 +274,14 @@ class _Table:
             self.fail(key, f"expected {rule}, found {_show(value)}")
         return float(value)
 
-    def get_int(self, key: str, default, minimum: int = 1) -> int | None:
+    def get_int(self, key: str, default, minimum: int = 1, maximum: int = 2**31) -> int | None:
         value = self.data.get(key, default)
         if value is None:
             return None
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             self.fail(key, f"expected an integer >= {minimum}, found {_show(value)}")
+        if value > maximum:
+            self.fail(key, f"expected an integer <= {maximum}, found {_show(value)}")
         return value
 
     def widths(self, key: str, default, allow_int: bool = False) -> tuple[int, ...]:
@@ -578,10 +580,10 @@ def load_guide(path_or_name) -> GuideSpec:
     if kind == "amortized":
         hidden = g.widths("hidden", 64, allow_int=True)
         options = {"hidden": hidden[0] if isinstance(raw.get("hidden", 64), int) else hidden,
-                   "window": g.get_int("window", 3, minimum=0)}
+                   "window": g.get_int("window", 3, minimum=0, maximum=1000)}
     elif kind == "auto":
         options = {"family": g.get_str("family", "normal", choices=AUTO_FAMILIES),
-                   "rank": g.get_int("rank", 10)}
+                   "rank": g.get_int("rank", 10, maximum=10_000)}
     else:
         options = {}
 
@@ -597,6 +599,7 @@ def load_guide(path_or_name) -> GuideSpec:
         "elbo": s.get_str("elbo", None, choices=ELBOS),
         "warm_start": s.get_bool("warm_start", True) if s.has("warm_start") else None,
         "checkpoint_every": s.get_int("checkpoint_every", None),
+        "batch_size": s.get_int("batch_size", None),
     }
     svi = {k: v for k, v in svi.items() if k in s.data}
     try:  # whatever SVIInference itself refuses (a dry construction: it only stores settings)
