@@ -5,7 +5,8 @@ Cells (``data/matrix_*.toml`` plus the paper's ``particles_paper``): bins 16/25/
 n = 1, 4, 64 training sequences ("fourier" initial conditions, 10 snapshots) and 16 held-out
 "bumps" sequences of 41 snapshots forecast from their first 10. Columns: error / oracle floor
 at 15/20/25/35 Δt for the model and the least-squares linear map fitted on the same n sequences,
-mass error, 95 % coverage, train time. ``python benchmarks/matrix.py [--cells a,b] [--sizes 1,4,64]``
+mass error, 95 % coverage, train time.
+``python benchmarks/matrix.py [--cells a,b] [--sizes 1,4,64]``
 appends rows to ``--jsonl`` and rewrites ``--out`` (markdown) from all rows there.
 """
 

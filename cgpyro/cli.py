@@ -111,7 +111,7 @@ def _configure_simulate(parser: argparse.ArgumentParser) -> None:
         return value
 
     parser.add_argument("--system", choices=SYSTEMS, default="particles",
-                        help="FG system: particles (the seed's section 3.1, default) or "
+                        help="FG system: particles (the paper's section 3.1, default) or "
                         "exclusion (interacting soft-exclusion walkers)")
     parser.add_argument("--sites", type=positive_int, default=None,
                         help="lattice sites on [-1, 1) (default: 1280)")
@@ -198,8 +198,8 @@ def _run_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-register(Command("simulate", "simulate the reference FG system and write CG bin counts",
-                 _configure_simulate, _run_simulate))
+register(Command("simulate", "simulate an FG system (reference or interacting) and write CG "
+                 "bin counts", _configure_simulate, _run_simulate))
 
 
 # -- train / predict / reproduce -------------------------------------------------------------

@@ -9,7 +9,6 @@ observables.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,8 @@ def learning_curve(
         expectation given the FG state at ``T - 1``); then ``ratio`` = error / oracle error,
         else error / the error of the linear map fitted on *all* training sequences.
     :returns: rows ``{"n", "model", "t", "error", "ratio", "mass_error", "coverage",
-        "coverage50", "coverage80", "coverage95", "train_seconds"}`` (coverage = 95 %), one per (n, model, t); model ``"linear"`` is the peer.
+        "coverage50", "coverage80", "coverage95", "train_seconds"}`` (coverage = 95 %), one
+        per (n, model, t); model ``"linear"`` is the peer.
     """
     from .guides import guide_for_new_sequences
     from .predict import forecast

@@ -335,7 +335,7 @@ class FluxDrift(nn.Module):
                 or correction_radius < 0:
             raise ValueError(f"correction_radius must be a non-negative integer, got "
                              f"{correction_radius!r}")
-        correction_radius = min(correction_radius, radius)  # a spec's value is "up to" 
+        correction_radius = min(correction_radius, radius)  # a spec's value is "up to"
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 \
                 or kernel % 2 == 0 or (channels and kernel > B):
             raise ValueError(f"kernel must be an odd integer in [1, n_bins = {B}], got {kernel!r}")
@@ -490,8 +490,8 @@ class FluxDrift(nn.Module):
         Bayesian linear regression of ``m_{t+1}/N - m_t/N`` on the jump features with priors
         ``N(0, jump_scale²)`` (jumps) and ``N(0, correction_scale²)`` (δ), Gaussian residuals;
         the two scales and the residual variance maximise the log evidence (L-BFGS on its
-        closed form, weights integrated out), the weights are their posterior mean. Returns values of
-        ``jump_scale, jumps, correction_scale, delta`` (relative names).
+        closed form, weights integrated out), the weights are their posterior mean. Returns
+        values of ``jump_scale, jumps, correction_scale, delta`` (relative names).
 
         :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
         :param max_pairs: at most this many (evenly spread) pairs of snapshots are used.
