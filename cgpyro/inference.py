@@ -572,6 +572,9 @@ class SVIInference:
                                   or steps < 1):
             raise ValueError(f"steps must be None or a positive integer, got {steps!r}")
         steps = int(steps or max(500, self.steps // 2))
+        # Seeded: the states of new sequences do not depend on what ran before (the CLI's
+        # predict and the Python API give the same forecast for the same seed).
+        pyro.set_rng_seed(self.seed)
         guide = LogNormalGuide(self.model, counts, theta_values=self.guide.theta_map(),
                                prefix=prefix)
         store = pyro.get_param_store()
