@@ -277,6 +277,21 @@ def _prefixed(priors: dict, prefix: str) -> dict:
             for k, v in priors.items()}
 
 
+def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Cholesky factor of a symmetric positive semi-definite ``H``, with the smallest jitter
+    (relative to its mean diagonal) that makes it succeed: precise data (10^6+ particles) make
+    the Gram matrix nearly singular in float64."""
+    L, info = torch.linalg.cholesky_ex(H)
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    jitter = 1e-14 * H.diagonal().abs().mean().clamp_min(1e-300)
+    while int(info) > 0:
+        if not torch.isfinite(jitter) or jitter > 1e-2 * H.diagonal().abs().mean():
+            raise torch.linalg.LinAlgError("matrix is not positive definite even with jitter")
+        L, info = torch.linalg.cholesky_ex(H + jitter * eye)
+        jitter = jitter * 100
+    return L
+
+
 def auto_radius(n_bins: int) -> int:
     """Reach of the jump stencil in bins: a quarter of the domain, at least 2, at most (B-1)/2."""
     return max(1, min(max(math.ceil(n_bins / 4), 2), (n_bins - 1) // 2))
@@ -545,7 +560,7 @@ class FluxDrift(nn.Module):
             a_j, a_d, beta = (log_h[0].exp() * scale, log_h[1].exp() * scale, log_h[2].exp())
             alpha = torch.where(group, a_d, a_j)
             H = torch.diag(alpha) + beta * G
-            L = torch.linalg.cholesky(H)
+            L = _robust_cholesky(H)
             m = beta * torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
             rss = yy - 2 * m @ r + m @ G @ m
             ev = 0.5 * (torch.log(alpha).sum() + n_obs * torch.log(beta) - beta * rss
@@ -560,19 +575,24 @@ class FluxDrift(nn.Module):
             loss.backward()
             return loss
 
+        start = log_h.detach().clone()
         try:
             opt.step(closure)
         except torch.linalg.LinAlgError:  # keep the start if a trial point was singular
             pass
         with torch.no_grad():
             if not torch.isfinite(log_h).all():
-                log_h.zero_()
-            _, m, alpha = neg_evidence()
+                log_h.copy_(start)
+            try:
+                _, m, alpha = neg_evidence()
+            except torch.linalg.LinAlgError:
+                log_h.copy_(start)
+                _, m, alpha = neg_evidence()
             # Gaussian posterior of the linear part (exact given the scales): for forecasts
             # with epistemic uncertainty (:meth:`sample_linear`).
             H = torch.diag(alpha) + log_h[2].exp() * G
-            cov = torch.cholesky_inverse(torch.linalg.cholesky(H))
-            self.posterior = (m.clone(), torch.linalg.cholesky(0.5 * (cov + cov.T)))
+            cov = torch.cholesky_inverse(_robust_cholesky(H))
+            self.posterior = (m.clone(), _robust_cholesky(0.5 * (cov + cov.T)))
         values = {"jump_scale": alpha[0].rsqrt(), "jumps": m[:nj].clone()}
         if self.correction_radius:
             values["correction_scale"] = alpha[-1].rsqrt()
