@@ -213,15 +213,16 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=None,
                         help="training dataset (.npz or .nc); required with --out, optional "
                              "with --resume (then checked against the run's train.npz)")
-    parser.add_argument("--model", default="physics",
-                        help="model spec: a name in models/ or a .toml path "
+    parser.add_argument("--model", default=None,
+                        help="model spec of a new run: a name in models/ or a .toml path "
                              "(default: physics)")
-    parser.add_argument("--guide", default="lognormal",
-                        help="guide spec: a name in guides/ or a .toml path (default: lognormal)")
+    parser.add_argument("--guide", default=None,
+                        help="guide spec of a new run: a name in guides/ or a .toml path "
+                             "(default: lognormal)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="total SVI steps (default: the guide spec's; with --resume the "
                              "run's, more extends a finished run)")
-    parser.add_argument("--seed", type=nonnegative_int, default=0,
+    parser.add_argument("--seed", type=nonnegative_int, default=None,
                         help="random seed of a new run (default: 0)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="torch device (default: cpu, or the run's with --resume)")
@@ -309,6 +310,10 @@ def _run_train(args: argparse.Namespace) -> int:
 
     max_bytes = _max_bytes(args)
     if args.resume is not None:
+        for flag in ("model", "guide", "seed", "batch_size"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"train: argument --{flag.replace('_', '-')}: not with --resume "
+                                 "(a run continues with the settings it was created with)")
         run = Run.open(args.resume, device=args.device, writable=True,
                        allow_import=args.allow_import, max_bytes=max_bytes)
         if args.data is not None:
@@ -321,8 +326,9 @@ def _run_train(args: argparse.Namespace) -> int:
             raise UsageError("train: argument --allow-import: only with --resume (a new run "
                              "imports the constraints of the spec you name)")
         out = _writable_dir(args.out)
-        run = Run.create(out, args.data, args.model, args.guide, steps=args.steps,
-                         seed=args.seed, device=args.device or "cpu", max_bytes=max_bytes,
+        run = Run.create(out, args.data, args.model or "physics", args.guide or "lognormal",
+                         steps=args.steps, seed=0 if args.seed is None else args.seed,
+                         device=args.device or "cpu", max_bytes=max_bytes,
                          batch_size=args.batch_size)
     signals = _StepBoundarySignals()
     with run:

@@ -56,3 +56,18 @@ def test_train_batch_size_flag_trains_on_minibatches(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["batch_size"] == 2
     assert main(["predict", "--run", str(tmp_path / "run"), "--data", str(tmp_path / "d.npz"),
                  "--horizon", "2", "--samples", "10", "--out", str(tmp_path / "p.npz")]) == 0
+
+
+def test_resume_refuses_settings_of_a_new_run(tmp_path, capsys):
+    from cgpyro.cli import main
+    from cgpyro.data import save
+
+    data, _ = simulate_dataset(n_sequences=2, n_steps=3, n_particles=10_000, n_bins=8, seed=3)
+    save(data, tmp_path / "d.npz")
+    assert main(["train", "--data", str(tmp_path / "d.npz"), "--steps", "4", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    for flag, value in (("--model", "particles_paper"), ("--seed", "3"), ("--guide", "amortized")):
+        assert main(["train", "--resume", str(tmp_path / "run"), flag, value, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{flag}: not with --resume" in err
