@@ -26,7 +26,7 @@ defaults of `cgpyro train`), `total_s` includes simulation, held-out state infer
 forecasts. `physics` is the default model; `particles_paper` the paper's exact setting
 (2 x 25 ReLU drift, learned σ_r). Held-out sequences here come from the training family;
 out-of-family tests, learning curves, the robustness matrix, peers, the interacting system
-and scale have their own tables: matrix.md, curves.md, peers.md, exclusion.md, scale.md,
+and scale have their own tables: matrix.md, curves/, peers.md, exclusion.md, scale.md,
 simulate.md (separate make targets, see the Makefile).
 """
 
