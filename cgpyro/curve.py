@@ -97,6 +97,7 @@ def learning_curve(
     svi = dict(guide_spec.svi)
     if steps is not None:
         svi["steps"] = steps
+    variants = _variants(model, with_no_vo)  # read once: every n trains the same spec
     rows = []
     for n in sizes:
         for t, err in linear_errors(n).items():
@@ -104,7 +105,7 @@ def learning_curve(
                          "ratio": err / norm[t], "mass_error": 0.0, "coverage": float("nan"),
                          "coverage50": float("nan"), "coverage80": float("nan"),
                          "coverage95": float("nan"), "train_seconds": 0.0})
-        for name, spec in _variants(model, with_no_vo):
+        for name, spec in variants:
             cg = spec.build(B)
             inference = SVIInference(cg, guide=guide_spec.factory, seed=seed,
                                      progress=progress, **svi).fit(train_c[:n])

@@ -35,9 +35,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from cgpyro.binning import bin_fractions, bin_of_site
 from cgpyro.data import Dataset
-from cgpyro.reference import bin_fractions, bin_of_site
-from cgpyro.systems import Simulation
+from cgpyro.systems import Simulation, _is_int, check_lattice_walk
 
 __all__ = [
     "FAMILIES",
@@ -53,14 +53,6 @@ __all__ = [
 FAMILIES = ("fourier", "bumps", "steps")
 
 _MAX_TABLE = 1 << 25  # entries per lookup table (bytes for uint8 outcomes)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
 def _check_count(value: object, name: str, minimum: int = 1) -> int:
@@ -92,29 +84,7 @@ class ExclusionSystem:
         if self.n_sites < 3:
             raise ValueError(f"n_sites: expected at least 3 (two distinct neighbours), "
                              f"found {self.n_sites}")
-        for name in ("p_left", "p_right"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1], found {value!r}")
-        if self.p_left + self.p_right > 1.0:
-            raise ValueError(
-                f"p_left + p_right: expected at most 1, found {self.p_left + self.p_right!r}"
-            )
-        if not _is_real(self.micro_dt) or not (np.isfinite(self.micro_dt) and self.micro_dt > 0):
-            raise ValueError(
-                f"micro_dt: expected a positive finite number, found {self.micro_dt!r}"
-            )
-        dom = self.domain
-        if (
-            not isinstance(dom, tuple | list)
-            or len(dom) != 2
-            or not all(_is_real(x) and np.isfinite(x) for x in dom)
-            or not dom[0] < dom[1]
-        ):
-            raise ValueError(
-                f"domain: expected two finite numbers (a, b) with a < b, found {dom!r}"
-            )
-        object.__setattr__(self, "domain", (float(dom[0]), float(dom[1])))
+        check_lattice_walk(self)
         object.__setattr__(self, "p_left", float(self.p_left))
         object.__setattr__(self, "p_right", float(self.p_right))
 

@@ -89,6 +89,25 @@ def _identity_relu_init(drift: Drift, A: torch.Tensor, b: torch.Tensor, generato
     return values
 
 
+def _lbfgs(params: dict[str, torch.Tensor], loss_fn, max_iter: int) -> bool:
+    """Minimise ``loss_fn()`` over ``params`` (in place) by L-BFGS with a strong Wolfe search;
+    ``True`` if the loss ended finite and no higher than it started (else keep the start)."""
+    opt = torch.optim.LBFGS(list(params.values()), lr=1.0, max_iter=max_iter,
+                            tolerance_grad=1e-12, tolerance_change=1e-14,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    before = loss_fn().item()
+    opt.step(closure)
+    after = loss_fn().item()
+    return math.isfinite(after) and after <= before
+
+
 def fit_drift_least_squares(
     model, counts: torch.Tensor, theta: dict[str, torch.Tensor], max_iter: int = 300,
     generator: torch.Generator | None = None,
@@ -138,22 +157,7 @@ def fit_drift_least_squares(
                 for k in theta if k.startswith("transition.drift.")}
         return (x + drift(x, full) - y).pow(2).mean() / scale
 
-    if names and max_iter > 0:
-        opt = torch.optim.LBFGS(list(params.values()), lr=1.0, max_iter=max_iter,
-                                tolerance_grad=1e-12, tolerance_change=1e-14,
-                                history_size=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = loss_fn()
-            loss.backward()
-            return loss
-
-        before = loss_fn().item()
-        opt.step(closure)
-        after = loss_fn().item()
-        if not math.isfinite(after) or after > before:  # keep the start if L-BFGS diverged
-            params = {k: theta[k] for k in names}
+    if names and max_iter > 0 and _lbfgs(params, loss_fn, max_iter):
         theta.update({k: v.detach() for k, v in params.items()})
     with torch.no_grad():
         full = {k[len("transition.drift."):]: v for k, v in theta.items()
@@ -221,20 +225,7 @@ def _fit_flux_drift(model, counts, theta, max_iter):
 
     if names and max_iter > 0:
         params = {k: theta[k].clone().requires_grad_(True) for k in names}
-        opt = torch.optim.LBFGS(list(params.values()), lr=1.0, max_iter=max_iter,
-                                tolerance_grad=1e-12, tolerance_change=1e-14,
-                                history_size=50, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = loss_fn(params)
-            loss.backward()
-            return loss
-
-        before = loss_fn(params).item()
-        opt.step(closure)
-        after = loss_fn(params).item()
-        if math.isfinite(after) and after <= before:  # keep the start if L-BFGS diverged
+        if _lbfgs(params, lambda: loss_fn(params), max_iter):
             theta.update({k: v.detach() for k, v in params.items()})
     with torch.no_grad():
         x = frac[:, :-1].transpose(0, 1)

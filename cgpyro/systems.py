@@ -61,6 +61,35 @@ def _is_real(x: object) -> bool:
     return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
 
 
+def check_lattice_walk(system) -> None:
+    """Validate the jump probabilities, ``micro_dt`` and ``domain`` of a frozen lattice-walk
+    dataclass (the reference and the interacting system share them); normalizes ``domain`` to
+    a tuple of floats so that equal systems hash equal (kernel cache keys)."""
+    for name in ("p_left", "p_right"):
+        value = getattr(system, name)
+        if not _is_real(value) or not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name}: expected a probability in [0, 1], found {value!r}")
+    if system.p_left + system.p_right > 1.0:
+        raise ValueError(
+            f"p_left + p_right: expected at most 1, found {system.p_left + system.p_right!r}"
+        )
+    if not _is_real(system.micro_dt) or not (np.isfinite(system.micro_dt) and system.micro_dt > 0):
+        raise ValueError(
+            f"micro_dt: expected a positive finite number, found {system.micro_dt!r}"
+        )
+    dom = system.domain
+    if (
+        not isinstance(dom, tuple | list)
+        or len(dom) != 2
+        or not all(_is_real(x) and np.isfinite(x) for x in dom)
+        or not dom[0] < dom[1]
+    ):
+        raise ValueError(
+            f"domain: expected two finite numbers (a, b) with a < b, found {dom!r}"
+        )
+    object.__setattr__(system, "domain", (float(dom[0]), float(dom[1])))
+
+
 @dataclass(frozen=True)
 class ParticleSystem:
     """Non-interacting random walkers on a periodic 1-D lattice (defaults: the seed's section 3.1).
@@ -82,30 +111,7 @@ class ParticleSystem:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, found {value!r}")
-        for name in ("p_left", "p_right"):
-            value = getattr(self, name)
-            if not _is_real(value) or not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name}: expected a probability in [0, 1], found {value!r}")
-        if self.p_left + self.p_right > 1.0:
-            raise ValueError(
-                f"p_left + p_right: expected at most 1, found {self.p_left + self.p_right!r}"
-            )
-        if not _is_real(self.micro_dt) or not (np.isfinite(self.micro_dt) and self.micro_dt > 0):
-            raise ValueError(
-                f"micro_dt: expected a positive finite number, found {self.micro_dt!r}"
-            )
-        dom = self.domain
-        if (
-            not isinstance(dom, tuple | list)
-            or len(dom) != 2
-            or not all(_is_real(x) and np.isfinite(x) for x in dom)
-            or not dom[0] < dom[1]
-        ):
-            raise ValueError(
-                f"domain: expected two finite numbers (a, b) with a < b, found {dom!r}"
-            )
-        # Normalize to a tuple of floats so equal systems hash equal (kernel cache key).
-        object.__setattr__(self, "domain", (float(dom[0]), float(dom[1])))
+        check_lattice_walk(self)
 
     # -- derived constants ---------------------------------------------------------------------
     @property
