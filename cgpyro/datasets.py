@@ -17,17 +17,20 @@ Generated data belongs in ``data/generated/`` (git-ignored).
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
+from ._checks import check_int
+from ._toml import SpecError, Table, display, read, resolve, show
 from .data import Dataset
-from .specs import SpecError, specs_dir
+from .systems import FAMILIES as PARTICLE_FAMILIES
 from .systems import ParticleSystem, Simulation, simulate_dataset
 
 __all__ = ["DatasetSpec", "load_dataset_spec", "simulate_spec"]
 
-_SAMPLING = {"n_sequences": 64, "n_steps": 40, "n_bins": 25, "seed": 0}
+_KEYS = ("name", "description", "system", "system_params", "sampling")
 _SYSTEMS = ("particles", "exclusion")
+# Keyword arguments of simulate_dataset / simulate_exclusion_dataset (their defaults apply)
+_SAMPLING = ("n_sequences", "n_steps", "n_bins", "seed", "family")
 
 
 def _system_class(system: str) -> type:
@@ -40,6 +43,9 @@ def _system_class(system: str) -> type:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
+    """A validated dataset spec: ``system_params`` and ``sampling`` hold the keyword arguments
+    the spec gives (of the system class and the simulate function)."""
+
     name: str
     system: str
     system_params: dict
@@ -47,62 +53,33 @@ class DatasetSpec:
     path: Path
 
 
-def _resolve(path_or_name) -> Path:
-    path = Path(path_or_name)
-    if path.is_file():
-        return path
-    candidate = specs_dir() / "data" / f"{path.stem if path.suffix == '.toml' else path}.toml"
-    if candidate.is_file():
-        return candidate
-    raise SpecError(f"no dataset spec {str(path_or_name)!r}: not a file and not in "
-                    f"{specs_dir() / 'data'}")
-
-
 def load_dataset_spec(path_or_name) -> DatasetSpec:
     """Read and validate a dataset spec; :class:`~cgpyro.specs.SpecError` names the key."""
-    path = _resolve(path_or_name)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise SpecError(f"{path}: not valid TOML ({err})") from None
-    unknown = set(raw) - {"name", "description", "system", "system_params", "sampling"}
-    if unknown:
-        raise SpecError(f"{path}: unknown key {sorted(unknown)[0]!r}; allowed: name, "
-                        "description, system, system_params, sampling")
-    system = raw.get("system", "particles")
+    path = resolve(path_or_name, "data", "dataset")
+    raw, _ = read(path)
+    file = display(path)
+    top = Table(file, "", raw, _KEYS)
+    system = top.get_str("system", "particles")
     if system not in _SYSTEMS:
-        raise SpecError(f"{path}: system: expected 'particles' or 'exclusion', found {system!r}")
+        top.fail("system", f"expected 'particles' or 'exclusion', found {show(system)}")
     cls = _system_class(system)
-    system_keys = {f.name for f in dataclasses.fields(cls)}
-    params = raw.get("system_params", {})
-    bad = set(params) - system_keys
-    if bad:
-        raise SpecError(f"{path}: [system_params] unknown key {sorted(bad)[0]!r}; allowed: "
-                        f"{', '.join(sorted(system_keys))}")
-    sampling = {**_SAMPLING, **raw.get("sampling", {})}
-    bad = set(sampling) - set(_SAMPLING) - {"family"}
-    if bad:
-        raise SpecError(f"{path}: [sampling] unknown key {sorted(bad)[0]!r}; allowed: "
-                        f"{', '.join(_SAMPLING)}, family")
-    if "family" in sampling:
-        families = _families(system)
-        if sampling["family"] not in families:
-            raise SpecError(f"{path}: [sampling] family: expected one of "
-                            f"{', '.join(families) or '(none for this system)'}, "
-                            f"found {sampling['family']!r}")
-    for key, value in sampling.items():
+    params = Table(file, "[system_params]", raw.get("system_params", {}),
+                   {f.name for f in dataclasses.fields(cls)})
+    sampling = Table(file, "[sampling]", raw.get("sampling", {}), _SAMPLING)
+    values = dict(sampling.data)
+    for key, value in values.items():
         if key == "family":
+            sampling.get_str(key, choices=_families(system))
             continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "seed"
-                                                                            else 1):
-            raise SpecError(f"{path}: [sampling] {key}: expected a "
-                            f"{'non-negative' if key == 'seed' else 'positive'} integer, "
-                            f"found {value!r}")
+        try:
+            check_int(value, key, minimum=0 if key == "seed" else 1)
+        except ValueError as err:
+            sampling.fail(key, str(err).partition(": ")[2])
     try:
-        cls(**params)
+        cls(**params.data)
     except (TypeError, ValueError) as err:
-        raise SpecError(f"{path}: [system_params] {err}") from None
-    return DatasetSpec(raw.get("name", path.stem), system, dict(params), sampling, path)
+        raise SpecError(f"{file}: [system_params] {err}") from None
+    return DatasetSpec(top.get_str("name", path.stem), system, dict(params.data), values, path)
 
 
 def _families(system: str) -> tuple[str, ...]:
@@ -110,14 +87,7 @@ def _families(system: str) -> tuple[str, ...]:
         from .exclusion import FAMILIES
 
         return FAMILIES
-    import inspect
-
-    from . import systems
-
-    # the reference system's families, once it has them (helper P's ``family=`` argument)
-    if "family" not in inspect.signature(simulate_dataset).parameters:
-        return ()
-    return tuple(getattr(systems, "FAMILIES", ("fourier", "bumps", "steps")))
+    return PARTICLE_FAMILIES
 
 
 def simulate_spec(path_or_name, progress: bool = False,

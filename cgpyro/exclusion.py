@@ -35,9 +35,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from cgpyro.binning import bin_fractions, bin_of_site
+from cgpyro._binning import bin_fractions, bin_of_site
+from cgpyro._checks import check_int
 from cgpyro.data import Dataset
-from cgpyro.systems import Simulation, _is_int, check_lattice_walk
+from cgpyro.systems import Simulation, check_lattice_walk
 
 __all__ = [
     "FAMILIES",
@@ -53,13 +54,6 @@ __all__ = [
 FAMILIES = ("fourier", "bumps", "steps")
 
 _MAX_TABLE = 1 << 25  # entries per lookup table (bytes for uint8 outcomes)
-
-
-def _check_count(value: object, name: str, minimum: int = 1) -> int:
-    if not _is_int(value) or value < minimum:
-        kind = "positive" if minimum == 1 else "non-negative"
-        raise ValueError(f"{name}: expected a {kind} integer, found {value!r}")
-    return int(value)
 
 
 @dataclass(frozen=True)
@@ -80,7 +74,7 @@ class ExclusionSystem:
 
     def __post_init__(self) -> None:
         for name in ("n_sites", "capacity", "micro_steps"):
-            _check_count(getattr(self, name), name)
+            check_int(getattr(self, name), name)
         if self.n_sites < 3:
             raise ValueError(f"n_sites: expected at least 3 (two distinct neighbours), "
                              f"found {self.n_sites}")
@@ -154,7 +148,7 @@ class ExclusionSystem:
         """``n_micro`` micro steps from int64 (..., n_sites); returns the final state."""
         n = _check_state(occupancy, self.n_sites)
         stepper = _Stepper.for_system(self, n.device)
-        for _ in range(_check_count(n_micro, "n_micro", 0)):
+        for _ in range(check_int(n_micro, "n_micro", 0)):
             n = stepper.step(n, generator)
         return n
 
@@ -164,8 +158,8 @@ class ExclusionSystem:
     ) -> np.ndarray:
         """ρ = E[n] / K at t = 0 of ``simulate`` with the same arguments, float64 (n_sequences,
         n_sites)."""
-        _check_count(n_sequences, "n_sequences")
-        rng = np.random.default_rng(np.random.SeedSequence([_check_count(seed, "seed", 0), 1]))
+        check_int(n_sequences, "n_sequences")
+        rng = np.random.default_rng(np.random.SeedSequence([check_int(seed, "seed", 0), 1]))
         return initial_profiles(rng, n_sequences, self.site_centers, family, self.domain)
 
     def simulate(
@@ -194,10 +188,10 @@ class ExclusionSystem:
             seeded from ``SeedSequence(seed).spawn``, so a run is reproduced by the same
             (seed, n_sequences, chunk_size, device); chunking bounds memory.
         """
-        n_seq = _check_count(n_sequences, "n_sequences")
-        n_steps = _check_count(n_steps, "n_steps", 0)
-        chunk = _check_count(chunk_size, "chunk_size")
-        seed = _check_count(seed, "seed", 0)
+        n_seq = check_int(n_sequences, "n_sequences")
+        n_steps = check_int(n_steps, "n_steps", 0)
+        chunk = check_int(chunk_size, "chunk_size")
+        seed = check_int(seed, "seed", 0)
         device = torch.device("cpu" if device is None else device)
         density = None
         if initial_occupancy is None:
@@ -266,7 +260,7 @@ def initial_profiles(
     """
     if family not in FAMILIES:
         raise ValueError(f"family: expected one of {', '.join(FAMILIES)}, found {family!r}")
-    n = _check_count(n_sequences, "n_sequences")
+    n = check_int(n_sequences, "n_sequences")
     a, b = domain
     length = b - a
     phase = 2.0 * np.pi * (np.asarray(x, dtype=np.float64) - a) / length  # (n_points,)
@@ -483,7 +477,7 @@ def hydrodynamic_solution(
     t = np.asarray(times, dtype=np.float64)
     if t.ndim != 1 or not np.all(np.isfinite(t)) or np.any(t < 0):
         raise ValueError(f"times: expected a 1-D array of finite times >= 0, found {times!r}")
-    r = _check_count(refine, "refine")
+    r = check_int(refine, "refine")
     # lattice units: cell width 1/r sites, time step 1/r² micro steps
     v, diff = system.p_right - system.p_left, 0.5 * (system.p_left + system.p_right)
     h, dt = 1.0 / r, 1.0 / r**2
@@ -570,7 +564,7 @@ def monte_carlo_floor(
     hs = np.atleast_1d(np.asarray(horizons))
     if hs.ndim != 1 or hs.dtype.kind not in "iu" or np.any(hs < 1):
         raise ValueError(f"horizons: expected positive integer coarse steps, found {horizons!r}")
-    r = _check_count(n_replicas, "n_replicas")
+    r = check_int(n_replicas, "n_replicas")
     if r < 2:
         raise ValueError(f"n_replicas: expected at least 2 (for a standard error), found {r}")
     bin_of_site(system.n_sites, n_bins)

@@ -1,7 +1,7 @@
 """Exact references for the lattice particle system: the oracle and the continuum limit.
 
 Everything here is deterministic. Site arrays have the site on the last axis; bin arrays have
-the bin on the last axis. Binning follows ``cgpyro.binning`` (a site belongs to the equal-width
+the bin on the last axis. Binning follows ``cgpyro._binning`` (a site belongs to the equal-width
 CG bin that contains its lattice point; 1,280 sites in 25 bins: 51 or 52 sites each), whose
 helpers are re-exported here.
 """
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-# The binning helpers live in cgpyro.binning (no import cycle with cgpyro.systems); their old
+# The binning helpers live in cgpyro._binning (no import cycle with cgpyro.systems); their old
 # names stay importable from here.
-from cgpyro.binning import bin_fractions, bin_of_site, bin_starts
-from cgpyro.binning import check_bins as _check_bins
+from cgpyro._binning import bin_fractions, bin_of_site, bin_starts
+from cgpyro._binning import check_bins as _check_bins
 
 if TYPE_CHECKING:  # the oracle only needs the system's kernel and constants
     from cgpyro.systems import ParticleSystem

@@ -9,6 +9,12 @@ integers, found -3``.
 A spec is a path to a ``.toml`` file or a bare name looked up in ``models/`` (``guides/``) of
 the specs directory: ``$CGPYRO_SPECS_DIR`` if set, else the repository root beside the package.
 
+Specs only parse TOML into constructor arguments: an absent key takes the default of the
+constructor it is passed to (shown below; :class:`~cgpyro.transitions.Drift`,
+:class:`~cgpyro.transitions.FluxDrift`, :class:`~cgpyro.transitions.GaussianTransition`,
+:class:`~cgpyro.model.CGModel`, :class:`~cgpyro.virtual.VirtualObservable`, the guides and
+:class:`~cgpyro.inference.SVIInference`), which also validate the values.
+
 Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
 
     name = "NAME"                    # default: the file name
@@ -75,14 +81,14 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-import os
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ._checks import is_finite
+from ._toml import SPECS_ENV, SpecError, Table, available, display, read, resolve, show, specs_dir
 from .emissions import MultinomialEmission, NormalizedMultinomialEmission
 from .guides import AmortizedGuide, LogNormalGuide, auto_guide
 from .inference import SVIInference
@@ -96,6 +102,7 @@ from .virtual import (
 )
 
 __all__ = [
+    "SPECS_ENV",
     "GuideSpec",
     "ModelSpec",
     "SpecError",
@@ -106,8 +113,6 @@ __all__ = [
     "specs_dir",
 ]
 
-SPECS_ENV = "CGPYRO_SPECS_DIR"
-
 EMISSIONS = {"multinomial": MultinomialEmission,
              "normalized_multinomial": NormalizedMultinomialEmission}
 NOISES = ("isotropic", "full")
@@ -116,6 +121,8 @@ GUIDE_KINDS = ("lognormal", "amortized", "auto")
 AUTO_FAMILIES = ("normal", "lowrank")
 ELBOS = ("analytic", "trace")
 
+# [transition] keys that are GaussianTransition's arguments; the others are the drift's
+TRANSITION_KEYS = ("noise", "noise_ridge", "sigma_prior_scale", "sigma_r_multinomial")
 MODEL_KEYS = {
     "": ("name", "description", "vectorized", "cg", "transition", "prior", "emission",
          "virtual_observables", "fixed"),
@@ -141,162 +148,10 @@ _SVI_PARAMS = inspect.signature(SVIInference.__init__).parameters
 assert all(k in _SVI_PARAMS for k in SVI_KEYS), "SVI_KEYS out of sync with SVIInference"
 
 
-class SpecError(ValueError):
-    """A model or guide spec that cannot be read: one line naming the file and the key."""
-
-
 # --------------------------------------------------------------------------- files
-def specs_dir() -> Path:
-    """The directory holding ``models/``, ``guides/`` and ``data/``: ``$CGPYRO_SPECS_DIR``, else
-    the source checkout's root, else the copy a wheel installs in ``cgpyro/_specs/``."""
-    env = os.environ.get(SPECS_ENV)
-    if env:
-        return Path(env)
-    root = Path(__file__).resolve().parents[1]
-    if (root / "models").is_dir() and (root / "guides").is_dir():  # a source checkout
-        return root
-    return Path(__file__).resolve().parent / "_specs"
-
-
-def _available(folder: str) -> list[str]:
-    directory = specs_dir() / folder
-    return sorted(p.stem for p in directory.glob("*.toml")) if directory.is_dir() else []
-
-
 def list_specs() -> dict[str, list[str]]:
     """Names of the shipped specs: ``{"models": [...], "guides": [...]}``."""
-    return {"models": _available("models"), "guides": _available("guides")}
-
-
-def _resolve(path_or_name, folder: str) -> Path:
-    """A spec file from a path or a bare name looked up in ``specs_dir() / folder``."""
-    text = os.fspath(path_or_name)
-    path = Path(text)
-    if path.is_file():
-        return path
-    if not path.is_absolute() and (specs_dir() / path).is_file():
-        return specs_dir() / path  # e.g. "models/NAME.toml" from outside the repository root
-    if path.name == text:  # a bare name: no directory part
-        stem = path.stem if path.suffix == ".toml" else text
-        candidate = specs_dir() / folder / f"{stem}.toml"
-        if candidate.is_file():
-            return candidate
-        raise SpecError(f"no {folder[:-1]} spec {text!r}: not a file, and not in "
-                        f"{specs_dir() / folder} (available: {', '.join(_available(folder))})")
-    raise SpecError(f"{text}: no such file")
-
-
-def _display(path: Path) -> str:
-    """The path as shown in messages: relative to the working directory where possible."""
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
-
-
-def _read(path: Path) -> tuple[dict, str]:
-    try:
-        source = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise SpecError(f"{_display(path)}: cannot read: {err}") from None
-    try:
-        return tomllib.loads(source), source
-    except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{_display(path)}: invalid TOML: {err}") from None
-
-
-# --------------------------------------------------------------------------- validation
-def _show(value) -> str:
-    """A value as written in TOML (``true``, ``'relu'``, ``[1, 2]``, ``{...}``)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, dict):
-        return "a table"
-    if isinstance(value, list):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    return str(value)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-class _Table:
-    """One table of a spec file, with typed getters that fail naming file, table and key."""
-
-    def __init__(self, file: str, section: str, data, allowed, kind="table"):
-        self.file, self.section = file, section
-        if not isinstance(data, dict):
-            raise SpecError(f"{file}: {section}: expected a {kind}, found {_show(data)}")
-        self.data = data
-        unknown = [k for k in data if k not in allowed]
-        if unknown:
-            where = f"{section} " if section else ""
-            raise SpecError(f"{file}: {where}unknown key {unknown[0]!r}; "
-                            f"allowed: {', '.join(sorted(allowed))}")
-
-    def fail(self, key: str, message: str):
-        where = f"{self.section} " if self.section else ""
-        raise SpecError(f"{self.file}: {where}{key}: {message}")
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def get_str(self, key: str, default=None, choices=None) -> str | None:
-        value = self.data.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            self.fail(key, f"expected a string, found {_show(value)}")
-        if choices is not None and value not in choices:
-            self.fail(key, f"expected one of {', '.join(map(repr, choices))}, found {value!r}")
-        return value
-
-    def get_bool(self, key: str, default: bool) -> bool:
-        value = self.data.get(key, default)
-        if not isinstance(value, bool):
-            self.fail(key, f"expected true or false, found {_show(value)}")
-        return value
-
-    def get_number(self, key: str, default, minimum=0.0, strict=True, maximum=None) -> float | None:
-        """A finite number ``> minimum`` (``>=`` if not ``strict``), at most ``maximum``."""
-        value = self.data.get(key, default)
-        if value is None:
-            return None
-        bound = f"{'> ' if strict else '>= '}{minimum:g}"
-        rule = f"a number {bound}" if maximum is None else f"a number in [{minimum:g}, {maximum:g}]"
-        if not _is_number(value):
-            self.fail(key, f"expected {rule}, found {_show(value)}")
-        if (value <= minimum if strict else value < minimum) or (
-                maximum is not None and value > maximum):
-            self.fail(key, f"expected {rule}, found {_show(value)}")
-        return float(value)
-
-    def get_int(self, key: str, default, minimum: int = 1, maximum: int = 2**31) -> int | None:
-        value = self.data.get(key, default)
-        if value is None:
-            return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-            self.fail(key, f"expected an integer >= {minimum}, found {_show(value)}")
-        if value > maximum:
-            self.fail(key, f"expected an integer <= {maximum}, found {_show(value)}")
-        return value
-
-    def widths(self, key: str, default, allow_int: bool = False) -> tuple[int, ...]:
-        """A list of positive integers (or one positive integer if ``allow_int``)."""
-        value = self.data.get(key, default)
-        rule = "a positive integer or a list of them" if allow_int else \
-            "a list of positive integers"
-        if allow_int and isinstance(value, int) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list | tuple):
-            self.fail(key, f"expected {rule}, found {_show(value)}")
-        for v in value:
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                self.fail(key, f"expected {rule}, found {_show(v)}")
-        return tuple(value)
+    return {"models": available("models"), "guides": available("guides")}
 
 
 # --------------------------------------------------------------------------- model specs
@@ -304,8 +159,10 @@ class _Table:
 class ModelSpec:
     """A validated model spec; :meth:`build` makes the :class:`~cgpyro.model.CGModel`.
 
-    ``transition``, ``virtual_observables`` hold keyword arguments (TOML names, defaults
-    filled in); ``source`` is the file's text (to store beside a run).
+    ``transition``, ``virtual_observables`` hold the keyword arguments the spec gives (TOML
+    names; an absent key takes the constructor's default, ``None`` likewise for ``x0_scale``
+    and ``vectorized``); ``transition["drift"]`` is the drift kind; ``source`` is the file's
+    text (to store beside a run).
     """
 
     name: str
@@ -314,15 +171,15 @@ class ModelSpec:
     source: str
     n_bins: int | str
     transition: dict
-    x0_scale: float
+    x0_scale: float | None
     emission: str
     virtual_observables: list[dict]
     fixed: dict[str, float]
-    vectorized: bool
+    vectorized: bool | None
 
     @property
     def file(self) -> str:
-        return _display(self.path)
+        return display(self.path)
 
     def build(self, n_bins: int | None = None) -> CGModel:
         """The model for data with ``n_bins`` bins (required when the spec says ``"auto"``)."""
@@ -342,27 +199,17 @@ class ModelSpec:
         if n_bins < 2:
             raise SpecError(f"n_bins must be >= 2, got {n_bins}")
         t = self.transition
+        drift_args = {k: v for k, v in t.items() if k != "drift" and k not in TRANSITION_KEYS}
         try:
-            if t["drift"] == "flux":
-                drift = FluxDrift(n_bins, radius=t["radius"],
-                                  correction_radius=t["correction_radius"],
-                                  channels=t["channels"], kernel=t["kernel"],
-                                  activation=t["activation"],
-                                  weight_prior_scale=t["weight_prior_scale"],
-                                  hyper_prior_scale=t["hyper_prior_scale"])
-            else:
-                drift = Drift(n_bins, hidden=t["hidden"], activation=t["activation"],
-                              linear_skip=t["linear_skip"], conserve_mass=t["conserve_mass"],
-                              weight_prior_scale=t["weight_prior_scale"])
+            drift = (FluxDrift if t["drift"] == "flux" else Drift)(n_bins, **drift_args)
         except ValueError as err:  # sizes that only fail for this n_bins
             raise SpecError(f"{self.file}: [transition] for {n_bins} bins: {err}") from None
-        transition = GaussianTransition(drift, sigma_prior_scale=t["sigma_prior_scale"],
-                                        noise=t["noise"], noise_ridge=t["noise_ridge"],
-                                        sigma_r_multinomial=t["sigma_r_multinomial"])
+        transition = GaussianTransition(drift, **{k: t[k] for k in TRANSITION_KEYS if k in t})
         vos = [self._virtual_observable(i, vo, n_bins)
                for i, vo in enumerate(self.virtual_observables, 1)]
-        model = CGModel(n_bins, transition, EMISSIONS[self.emission](), vos,
-                        x0_scale=self.x0_scale, vectorized=self.vectorized)
+        options = {k: v for k, v in (("x0_scale", self.x0_scale),
+                                     ("vectorized", self.vectorized)) if v is not None}
+        model = CGModel(n_bins, transition, EMISSIONS[self.emission](), vos, **options)
         self._fix(model)
         model.spec = self  # so that runs can record what they were built from
         return model
@@ -380,9 +227,11 @@ class ModelSpec:
             shape = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
             raise SpecError(f"{where} constraint: {vo['constraint']!r} must map (..., n_bins) "
                             f"to (..., M); on (2, {n_bins}) it gave {shape}")
-        return VirtualObservable(vo["name"], fn, sigma=math.sqrt(vo["sigma2"]),
-                                 sigma_start=math.sqrt(vo["sigma2_start"]),
-                                 anneal_fraction=vo["anneal_fraction"], learn=vo["learn"])
+        sigmas = {arg: math.sqrt(vo[key]) for arg, key in (("sigma", "sigma2"),
+                                                           ("sigma_start", "sigma2_start"))
+                  if key in vo}
+        options = {k: vo[k] for k in ("anneal_fraction", "learn") if k in vo}
+        return VirtualObservable(vo["name"], fn, **sigmas, **options)
 
     def _fix(self, model: CGModel) -> None:
         priors = model.priors()
@@ -403,17 +252,17 @@ class ModelSpec:
 
 def load_model_spec(path_or_name) -> ModelSpec:
     """Read and validate a model spec (a ``.toml`` path or a name in ``models/``)."""
-    path = _resolve(path_or_name, "models")
-    data, source = _read(path)
-    file = _display(path)
-    top = _Table(file, "", data, MODEL_KEYS[""])
-    cg = _Table(file, "[cg]", data.get("cg", {}), MODEL_KEYS["cg"])
+    path = resolve(path_or_name, "models", "model")
+    data, source = read(path)
+    file = display(path)
+    top = Table(file, "", data, MODEL_KEYS[""])
+    cg = Table(file, "[cg]", data.get("cg", {}), MODEL_KEYS["cg"])
     n_bins = cg.data.get("n_bins", "auto")
     if n_bins != "auto" and (not isinstance(n_bins, int) or isinstance(n_bins, bool)
                              or n_bins < 2):
-        cg.fail("n_bins", f"expected 'auto' or an integer >= 2, found {_show(n_bins)}")
+        cg.fail("n_bins", f"expected 'auto' or an integer >= 2, found {show(n_bins)}")
 
-    tr = _Table(file, "[transition]", data.get("transition", {}), MODEL_KEYS["transition"])
+    tr = Table(file, "[transition]", data.get("transition", {}), MODEL_KEYS["transition"])
     kind = tr.get_str("drift", "mlp", choices=DRIFTS)
     flux = kind == "flux"
     if flux:
@@ -428,41 +277,41 @@ def load_model_spec(path_or_name) -> ModelSpec:
     radius = tr.data.get("radius", "auto")
     if radius != "auto" and (not isinstance(radius, int) or isinstance(radius, bool)
                              or radius < 1):
-        tr.fail("radius", f"expected 'auto' or an integer >= 1, found {_show(radius)}")
-    transition = {
-        "drift": kind,
-        "radius": radius,
-        "correction_radius": tr.get_int("correction_radius", 2, minimum=0),
-        "channels": tr.widths("channels", []),
-        "kernel": tr.get_int("kernel", 5),
-        "hyper_prior_scale": tr.get_number("hyper_prior_scale", 1.0),
-        "hidden": tr.widths("hidden", [25, 25]),
-        "activation": tr.get_str("activation", "tanh" if flux else "relu",
-                                 choices=sorted(ACTIVATIONS)),
-        "linear_skip": tr.get_bool("linear_skip", False),
-        "conserve_mass": tr.get_bool("conserve_mass", False),
-        "noise": tr.get_str("noise", "isotropic", choices=NOISES),
-        "noise_ridge": tr.get_number("noise_ridge", 1e-4),
-        "weight_prior_scale": tr.get_number("weight_prior_scale", 1.0 if flux else 10.0),
-        "sigma_prior_scale": tr.get_number("sigma_prior_scale", 0.1),
-        "sigma_r_multinomial": tr.get_number("sigma_r_multinomial", None),
-    }
-    if transition["kernel"] % 2 == 0:
+        tr.fail("radius", f"expected 'auto' or an integer >= 1, found {show(radius)}")
+    # Only the keys given: absent ones take the constructors' defaults (Drift, FluxDrift,
+    # GaussianTransition).
+    transition = {"drift": kind, **tr.given(
+        radius=lambda k: radius,
+        correction_radius=lambda k: tr.get_int(k, minimum=0),
+        channels=tr.widths,
+        kernel=tr.get_int,
+        hyper_prior_scale=tr.get_number,
+        hidden=tr.widths,
+        activation=lambda k: tr.get_str(k, choices=sorted(ACTIVATIONS)),
+        linear_skip=tr.get_bool,
+        conserve_mass=tr.get_bool,
+        noise=lambda k: tr.get_str(k, choices=NOISES),
+        noise_ridge=tr.get_number,
+        weight_prior_scale=tr.get_number,
+        sigma_prior_scale=tr.get_number,
+        sigma_r_multinomial=tr.get_number,
+    )}
+    if transition.get("kernel", 1) % 2 == 0:
         tr.fail("kernel", f"expected an odd integer, found {transition['kernel']}")
-    if not flux and not transition["hidden"] and not transition["linear_skip"]:
+    if transition.get("hidden") == () and not transition.get("linear_skip"):
         tr.fail("hidden", "an empty list needs linear_skip = true")
 
-    prior = _Table(file, "[prior]", data.get("prior", {}), MODEL_KEYS["prior"])
-    em = _Table(file, "[emission]", data.get("emission", {}), MODEL_KEYS["emission"])
+    prior = Table(file, "[prior]", data.get("prior", {}), MODEL_KEYS["prior"])
+    em = Table(file, "[emission]", data.get("emission", {}), MODEL_KEYS["emission"])
     emission = em.get_str("kind", "multinomial", choices=tuple(EMISSIONS))
 
     raw_vos = data.get("virtual_observables", [])
     if not isinstance(raw_vos, list):
         raise SpecError(f"{file}: virtual_observables: expected an array of tables "
-                        f"([[virtual_observables]]), found {_show(raw_vos)}")
+                        f"([[virtual_observables]]), found {show(raw_vos)}")
     vos, names = [], set()
     for i, raw in enumerate(raw_vos, 1):
-        t = _Table(file, f"[[virtual_observables]] #{i}", raw, MODEL_KEYS["virtual_observables"])
+        t = Table(file, f"[[virtual_observables]] #{i}", raw, MODEL_KEYS["virtual_observables"])
         if not t.has("constraint"):
             t.fail("constraint", "required: 'mass' or an import path 'package.module:function'")
         constraint = t.get_str("constraint")
@@ -476,27 +325,29 @@ def load_model_spec(path_or_name) -> ModelSpec:
         if not name or name in names:
             t.fail("name", f"expected a unique, non-empty name, found {name!r}")
         names.add(name)
-        sigma2 = t.get_number("sigma2", 1e-9)
-        sigma2_start = t.get_number("sigma2_start", max(1e-4, sigma2))
-        if sigma2_start < sigma2:
+        vo = {"name": name, "constraint": constraint, **t.given(
+            sigma2=t.get_number, sigma2_start=t.get_number,
+            anneal_fraction=lambda k, t=t: t.get_number(k, strict=False, maximum=1.0),
+            learn=t.get_bool)}
+        # σ_c² starts annealing at max(1e-4, sigma2): VirtualObservable's own default start
+        # (σ = 1e-2) where sigma2 <= 1e-4, else no annealing.
+        sigma2 = vo.get("sigma2", 0.0)
+        if "sigma2_start" not in vo and sigma2 > 1e-4:
+            vo["sigma2_start"] = sigma2
+        if vo.get("sigma2_start", math.inf) < sigma2:
             t.fail("sigma2_start", f"expected a number >= sigma2 = {sigma2:g}, "
-                                   f"found {sigma2_start:g}")
-        vos.append({
-            "name": name, "constraint": constraint, "sigma2": sigma2,
-            "sigma2_start": sigma2_start,
-            "anneal_fraction": t.get_number("anneal_fraction", 0.5, strict=False, maximum=1.0),
-            "learn": t.get_bool("learn", False),
-        })
-    fixed_table = _Table(file, "[fixed]", data.get("fixed", {}), allowed=data.get("fixed", {}))
+                                   f"found {vo['sigma2_start']:g}")
+        vos.append(vo)
+    fixed_table = Table(file, "[fixed]", data.get("fixed", {}), allowed=data.get("fixed", {}))
     fixed = {}
     for key, value in fixed_table.data.items():
-        if not _is_number(value):
-            fixed_table.fail(key, f"expected a finite number, found {_show(value)}")
+        if not is_finite(value):
+            fixed_table.fail(key, f"expected a finite number, found {show(value)}")
         fixed[key] = float(value)
     name = top.get_str("name", path.stem)
     description = top.get_str("description", "")
-    vectorized = top.get_bool("vectorized", True)
-    x0_scale = prior.get_number("x0_scale", 1.0)
+    vectorized = top.get_bool("vectorized")
+    x0_scale = prior.get_number("x0_scale")
     # Cross-checks last, so that a plain mistake is reported as such first.
     if emission == "multinomial":
         if not vos:
@@ -556,8 +407,10 @@ class GuideSpec:
         if self.kind == "amortized":
             return AmortizedGuide(model, counts, theta_init=theta_init, **self.options)
         if self.kind == "auto":
-            return auto_guide(model, counts, theta_init=theta_init,
-                              kind=self.options["family"], rank=self.options["rank"])
+            options = dict(self.options)
+            if "family" in options:  # the spec's name for auto_guide's ``kind``
+                options["kind"] = options.pop("family")
+            return auto_guide(model, counts, theta_init=theta_init, **options)
         raise AssertionError(f"unvalidated guide kind {self.kind!r}")
 
     def inference(self, model, **overrides) -> SVIInference:
@@ -567,41 +420,36 @@ class GuideSpec:
 
 def load_guide(path_or_name) -> GuideSpec:
     """Read and validate a guide spec (a ``.toml`` path or a name in ``guides/``)."""
-    path = _resolve(path_or_name, "guides")
-    data, source = _read(path)
-    file = _display(path)
-    top = _Table(file, "", data, GUIDE_KEYS[""])
+    path = resolve(path_or_name, "guides", "guide")
+    data, source = read(path)
+    file = display(path)
+    top = Table(file, "", data, GUIDE_KEYS[""])
     raw = data.get("guide", {})
     if not isinstance(raw, dict):
-        raise SpecError(f"{file}: guide: expected a table ([guide]), found {_show(raw)}")
-    kind = _Table(file, "[guide]", raw, allowed=raw).get_str("kind", "lognormal",
-                                                         choices=GUIDE_KINDS)
-    g = _Table(file, "[guide]", raw, GUIDE_KEYS[kind])
+        raise SpecError(f"{file}: guide: expected a table ([guide]), found {show(raw)}")
+    kind = Table(file, "[guide]", raw, allowed=raw).get_str("kind", "lognormal",
+                                                        choices=GUIDE_KINDS)
+    g = Table(file, "[guide]", raw, GUIDE_KEYS[kind])
+    # Only the keys given: absent ones take the defaults of AmortizedGuide and auto_guide.
     if kind == "amortized":
-        hidden = g.widths("hidden", 64, allow_int=True)
-        options = {"hidden": hidden[0] if isinstance(raw.get("hidden", 64), int) else hidden,
-                   "window": g.get_int("window", 3, minimum=0, maximum=1000)}
+        def hidden(key):  # one width (two layers of it) stays an int
+            widths = g.widths(key, allow_int=True)
+            return raw[key] if isinstance(raw[key], int) else widths
+
+        options = g.given(hidden=hidden, window=lambda k: g.get_int(k, minimum=0, maximum=1000))
     elif kind == "auto":
-        options = {"family": g.get_str("family", "normal", choices=AUTO_FAMILIES),
-                   "rank": g.get_int("rank", 10, maximum=10_000)}
+        options = g.given(family=lambda k: g.get_str(k, choices=AUTO_FAMILIES),
+                          rank=lambda k: g.get_int(k, maximum=10_000))
     else:
         options = {}
 
-    s = _Table(file, "[svi]", data.get("svi", {}), SVI_KEYS)
-    svi = {
-        "steps": s.get_int("steps", None),
-        "lr": s.get_number("lr", None),
-        "lr_theta": s.get_number("lr_theta", None, strict=False),
-        "lr_final_factor": s.get_number("lr_final_factor", None),
-        "num_particles": s.get_int("num_particles", None),
-        "tol": s.get_number("tol", None),
-        "window": s.get_int("window", None),
-        "elbo": s.get_str("elbo", None, choices=ELBOS),
-        "warm_start": s.get_bool("warm_start", True) if s.has("warm_start") else None,
-        "checkpoint_every": s.get_int("checkpoint_every", None),
-        "batch_size": s.get_int("batch_size", None),
-    }
-    svi = {k: v for k, v in svi.items() if k in s.data}
+    s = Table(file, "[svi]", data.get("svi", {}), SVI_KEYS)
+    svi = s.given(
+        steps=s.get_int, lr=s.get_number,
+        lr_theta=lambda k: s.get_number(k, strict=False),
+        lr_final_factor=s.get_number, num_particles=s.get_int, tol=s.get_number,
+        window=s.get_int, elbo=lambda k: s.get_str(k, choices=ELBOS),
+        warm_start=s.get_bool, checkpoint_every=s.get_int, batch_size=s.get_int)
     try:  # whatever SVIInference itself refuses (a dry construction: it only stores settings)
         SVIInference(None, **svi)
     except ValueError as err:

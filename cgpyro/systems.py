@@ -30,7 +30,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from cgpyro.binning import bin_fractions, bin_of_site
+from cgpyro._binning import bin_fractions, bin_of_site
+from cgpyro._checks import check_int, is_finite, is_real
 from cgpyro.data import Dataset
 
 __all__ = [
@@ -53,27 +54,19 @@ _LUT_SIZE = 1 << _LUT_BITS
 _PARTICLE_BLOCK = 1 << 20
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, int | float | np.integer | np.floating) and not isinstance(x, bool)
-
-
 def check_lattice_walk(system) -> None:
     """Validate the jump probabilities, ``micro_dt`` and ``domain`` of a frozen lattice-walk
     dataclass (the reference and the interacting system share them); normalizes ``domain`` to
     a tuple of floats so that equal systems hash equal (kernel cache keys)."""
     for name in ("p_left", "p_right"):
         value = getattr(system, name)
-        if not _is_real(value) or not 0.0 <= value <= 1.0:
+        if not is_real(value) or not 0.0 <= value <= 1.0:
             raise ValueError(f"{name}: expected a probability in [0, 1], found {value!r}")
     if system.p_left + system.p_right > 1.0:
         raise ValueError(
             f"p_left + p_right: expected at most 1, found {system.p_left + system.p_right!r}"
         )
-    if not _is_real(system.micro_dt) or not (np.isfinite(system.micro_dt) and system.micro_dt > 0):
+    if not is_finite(system.micro_dt) or not system.micro_dt > 0:
         raise ValueError(
             f"micro_dt: expected a positive finite number, found {system.micro_dt!r}"
         )
@@ -81,7 +74,7 @@ def check_lattice_walk(system) -> None:
     if (
         not isinstance(dom, tuple | list)
         or len(dom) != 2
-        or not all(_is_real(x) and np.isfinite(x) for x in dom)
+        or not all(is_finite(x) for x in dom)
         or not dom[0] < dom[1]
     ):
         raise ValueError(
@@ -108,9 +101,7 @@ class ParticleSystem:
 
     def __post_init__(self) -> None:
         for name in ("n_particles", "n_sites", "micro_steps"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}: expected a positive integer, found {value!r}")
+            check_int(getattr(self, name), name)
         check_lattice_walk(self)
 
     # -- derived constants ---------------------------------------------------------------------
@@ -144,7 +135,7 @@ class ParticleSystem:
         """Lattice points ``a + i * ds``, float64 (n_sites,): where particles sit.
 
         Each is the centre of its site's cell ``[s_i - ds/2, s_i + ds/2)``; CG binning uses
-        these points (see ``cgpyro.binning.bin_of_site``).
+        these points (see ``cgpyro._binning.bin_of_site``).
         """
         return self.domain[0] + self.ds * np.arange(self.n_sites, dtype=np.float64)
 
@@ -169,10 +160,7 @@ class ParticleSystem:
         periodic lattice to that power (FFT), so it is exact up to float64 round-off (~1e-17
         absolute; round-off negatives are clipped to 0). Read-only and cached.
         """
-        if not _is_int(n_coarse_steps) or n_coarse_steps < 0:
-            raise ValueError(
-                f"n_coarse_steps: expected a non-negative integer, found {n_coarse_steps!r}"
-            )
+        check_int(n_coarse_steps, "n_coarse_steps", 0)
         return _lattice_kernel(
             self.n_sites, float(self.p_left), float(self.p_right),
             int(n_coarse_steps) * self.micro_steps,
@@ -191,7 +179,7 @@ class ParticleSystem:
         Same rules and same random streams as ``simulate`` (so these are exactly the densities
         a ``simulate`` call with the same arguments used).
         """
-        _check_count(n_sequences, "n_sequences")
+        check_int(n_sequences, "n_sequences")
         _check_family(family, initial_density)
         rngs = _sequence_rngs(seed, n_sequences)
         return self._initial_densities(rngs, initial_density, family)
@@ -261,12 +249,11 @@ class ParticleSystem:
             "fourier" (default, ``random_smooth_density``), "bumps" (``random_bumps_density``),
             "steps" (``random_steps_density``).
         """
-        _check_count(n_sequences, "n_sequences")
+        check_int(n_sequences, "n_sequences")
         _check_family(family, initial_density)
-        if not _is_int(n_steps) or n_steps < 0:
-            raise ValueError(f"n_steps: expected a non-negative integer, found {n_steps!r}")
+        check_int(n_steps, "n_steps", 0)
         if n_workers is not None:
-            _check_count(n_workers, "n_workers")
+            check_int(n_workers, "n_workers")
         rngs = _sequence_rngs(seed, n_sequences)
         bar = _progress_bar(n_sequences * n_steps, progress)
         try:
@@ -306,10 +293,9 @@ class ParticleSystem:
         of 2**20 particles). Arguments as in ``simulate``; ``initial_density`` may be
         (n_sequences, n_sites) and is sliced per chunk.
         """
-        _check_count(n_sequences, "n_sequences")
-        if not _is_int(n_steps) or n_steps < 0:
-            raise ValueError(f"n_steps: expected a non-negative integer, found {n_steps!r}")
-        _check_count(chunk_size, "chunk_size")
+        check_int(n_sequences, "n_sequences")
+        check_int(n_steps, "n_steps", 0)
+        check_int(chunk_size, "chunk_size")
         _check_family(family, initial_density)
         bin_of_site(self.n_sites, n_bins)  # validates n_bins before simulating
         n = self.n_sites
@@ -354,7 +340,7 @@ class ParticleSystem:
         n_sequences = len(rngs)
         if n_workers is None:
             n_workers = min(4, os.cpu_count() or 1, n_sequences)
-        _check_count(n_workers, "n_workers")
+        check_int(n_workers, "n_workers")
         densities = self._initial_densities(rngs, initial_density, family)
 
         n, n_part = self.n_sites, self.n_particles
@@ -542,14 +528,8 @@ def _move_block(
         out += extra[:n] + extra[n:]
 
 
-def _check_count(value: object, name: str) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, found {value!r}")
-
-
 def _sequence_rngs(seed: int, n_sequences: int) -> list[np.random.Generator]:
-    if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed: expected a non-negative integer, found {seed!r}")
+    check_int(seed, "seed", 0)
     children = np.random.SeedSequence(int(seed)).spawn(n_sequences)
     return [np.random.default_rng(child) for child in children]
 
@@ -568,8 +548,8 @@ def random_smooth_density(
     falls below ``min_ratio`` (f has mean 1), the fluctuation is scaled down so that the
     minimum is exactly ``min_ratio``. Returns f / sum(f).
     """
-    _check_count(n_sites, "n_sites")
-    _check_count(n_modes, "n_modes")
+    check_int(n_sites, "n_sites")
+    check_int(n_modes, "n_modes")
     if not 0.0 < min_ratio < 1.0:
         raise ValueError(f"min_ratio: expected a number in (0, 1), found {min_ratio!r}")
     s = -1.0 + 2.0 * np.arange(n_sites) / n_sites
@@ -609,8 +589,8 @@ def random_bumps_density(
     centre): localised features that a 3-mode Fourier density does not have. Returns
     f / sum(f), positive everywhere (f >= c > 0).
     """
-    _check_count(n_sites, "n_sites")
-    _check_count(max_bumps, "max_bumps")
+    check_int(n_sites, "n_sites")
+    check_int(max_bumps, "max_bumps")
     _check_range(floor, "floor", positive=True)
     _check_range(width, "width", positive=True)
     phase = _site_phase(n_sites)
@@ -638,9 +618,8 @@ def random_steps_density(
     lattice). Returns f / sum(f), positive everywhere (f is a smooth interpolation between
     adjacent levels, all >= ``levels[0]`` > 0).
     """
-    _check_count(n_sites, "n_sites")
-    if not _is_int(max_plateaus) or max_plateaus < 2:
-        raise ValueError(f"max_plateaus: expected an integer >= 2, found {max_plateaus!r}")
+    check_int(n_sites, "n_sites")
+    check_int(max_plateaus, "max_plateaus", 2)
     _check_range(levels, "levels", positive=True)
     _check_range(front_width, "front_width", positive=True)
     phase = _site_phase(n_sites)
@@ -690,7 +669,7 @@ def _check_range(bounds: object, name: str, positive: bool = False) -> None:
     ok = (
         isinstance(bounds, tuple | list)
         and len(bounds) == 2
-        and all(_is_real(x) and np.isfinite(x) for x in bounds)
+        and all(is_finite(x) for x in bounds)
         and bounds[0] <= bounds[1]
         and (not positive or bounds[0] > 0)
     )

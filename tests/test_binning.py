@@ -1,4 +1,4 @@
-"""Equal-width CG binning of the site lattice (cgpyro.binning) and its re-export."""
+"""Equal-width CG binning of the site lattice (cgpyro._binning) and its re-export."""
 
 import subprocess
 import sys
@@ -6,8 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from cgpyro import binning, reference
-from cgpyro.binning import bin_fractions, bin_of_site, bin_sizes, bin_starts, check_bins
+from cgpyro import _binning as binning
+from cgpyro import reference
+from cgpyro._binning import bin_fractions, bin_of_site, bin_sizes, bin_starts, check_bins
 
 
 def float_bin_of_site(n_sites: int, n_bins: int) -> np.ndarray:

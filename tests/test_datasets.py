@@ -25,7 +25,7 @@ def test_small_spec_simulates_its_shapes():
     ("[system_params]\np_left = 0.9\np_right = 0.9\n", r"\[system_params\]"),
     ("[system_params]\nwidth = 3\n", "unknown key 'width'"),
     ("system = 'fluid'\n", "expected 'particles'"),
-    ("x = [\n", "not valid TOML"),
+    ("x = [\n", "invalid TOML at end of document"),
 ])
 def test_bad_specs_are_refused(tmp_path, text, match):
     path = tmp_path / "bad.toml"

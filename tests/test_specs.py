@@ -126,7 +126,8 @@ def test_specs_dir_can_be_overridden(tmp_path, monkeypatch):
     monkeypatch.setenv(specs.SPECS_ENV, str(tmp_path))
     assert specs.list_specs() == {"models": ["tiny"], "guides": ["net"]}
     assert specs.load_model("tiny", n_bins=3).transition.drift.hidden == (4,)
-    assert specs.load_guide("net").options == {"hidden": (8,), "window": 3}
+    # only the keys the spec gives: window takes AmortizedGuide's default
+    assert specs.load_guide("net").options == {"hidden": (8,)}
 
 
 # --------------------------------------------------------------------------- n_bins, fixed
