@@ -5,7 +5,9 @@ Axis convention everywhere: ``(sequence, time, bin)`` for coarse quantities and
 
 The public names below are imported on first use (PEP 562), so ``import cgpyro`` and the
 command line do not pay for torch, Pyro, ArviZ or matplotlib until a name that needs them is
-touched.
+touched. Every error class a user can meet is exported here (all are ``ValueError``s but
+:class:`NumericalError`, a ``RuntimeError``); the public modules are those in
+``_SUBMODULES``, the others (``cgpyro._*``) are internal.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ _EXPORTS = {
     # errors of the other layers
     "CheckpointError": "checkpoint",
     "NumericalError": "inference",
-    "SpecError": "specs",
+    "SpecError": "_toml",  # the class cgpyro.specs raises, without importing torch
     "RunError": "run",
     "RunLockedError": "run",
     # model, guides, inference, prediction
@@ -50,8 +52,11 @@ _EXPORTS = {
     # a run directory: create / open / fit / resume / forecast
     "Run": "run",
 }
-# submodules reachable as attributes (``cgpyro.plots.plot_loss``) without an explicit import
-_SUBMODULES = {"plots", "diagnostics", "metrics", "specs", "experiment"}
+# the public submodules, reachable as attributes (``cgpyro.plots.plot_loss``) without an
+# explicit import
+_SUBMODULES = {"cli", "curve", "data", "datasets", "diagnostics", "exclusion", "experiment",
+               "guides", "inference", "metrics", "model", "plots", "predict", "reference", "run",
+               "specs", "systems"}
 
 __all__ = [  # a literal list, so that linters see the names the TYPE_CHECKING block binds
     "AmortizedGuide", "CGModel", "CheckpointError", "DataError", "Dataset", "Forecast",
@@ -98,6 +103,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the eager form
     from . import plots
+    from ._toml import SpecError
     from .checkpoint import CheckpointError
     from .data import DataError, Dataset, load, save
     from .diagnostics import to_inference_data
@@ -106,5 +112,5 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager form
     from .model import CGModel
     from .predict import Forecast, forecast
     from .run import Run, RunError, RunLockedError
-    from .specs import SpecError, list_specs, load_guide, load_model
+    from .specs import list_specs, load_guide, load_model
     from .systems import ParticleSystem, simulate_dataset

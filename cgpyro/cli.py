@@ -351,16 +351,6 @@ def _run_train(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def load_run(run: Path, device: str = "cpu", allow_import=()):
-    """``(model, inference, train_dataset, config)`` of a run directory, trained state restored.
-
-    Kept for existing callers; :meth:`cgpyro.run.Run.open` is the API."""
-    from cgpyro.run import Run
-
-    opened = Run.open(run, device=device, allow_import=allow_import)
-    return opened.model, opened.load(), opened.train, opened.config
-
-
 def _configure_predict(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run", type=Path, required=True, help="run directory from `train`")
     parser.add_argument("--data", type=Path, required=True,
@@ -388,9 +378,6 @@ def _configure_predict(parser: argparse.ArgumentParser) -> None:
 
 def _run_predict(args: argparse.Namespace) -> int:
     _single_thread()
-    import numpy as np
-
-    from cgpyro.checkpoint import atomic_write
     from cgpyro.data import load
     from cgpyro.run import Run
 
@@ -400,16 +387,9 @@ def _run_predict(args: argparse.Namespace) -> int:
     run = Run.open(args.run, device=args.device, allow_import=args.allow_import,
                    max_bytes=max_bytes)
     dataset = load(args.data, max_bytes=max_bytes)
-    result = run.forecast(dataset, args.horizon, num_samples=args.samples, seed=args.seed,
-                          allow_other_grid=args.allow_other_grid, name=f"--data {args.data}",
-                          max_bytes=max_bytes)
-    arrays = result.to_npz_dict()
-
-    def write(tmp):
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    atomic_write(args.out, write)
+    run.forecast(dataset, args.horizon, num_samples=args.samples, seed=args.seed,
+                 allow_other_grid=args.allow_other_grid, name=f"--data {args.data}",
+                 max_bytes=max_bytes, out=args.out)
     print(f"wrote {args.out}: {dataset.n_sequences} sequences x "
           f"{dataset.n_times + args.horizon} steps x {dataset.n_bins} bins")
     return EXIT_OK
@@ -436,17 +416,11 @@ def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
 
 def _run_reproduce(args: argparse.Namespace) -> int:
     _single_thread()
-    import inspect
     import json
 
     from cgpyro.experiment import run_paper_experiment, write_report
-    from cgpyro.specs import load_guide, load_model
 
     out = _writable_dir(args.out)
-    # check the specs before the (long) simulation
-    n_bins = inspect.signature(run_paper_experiment).parameters["n_bins"].default
-    load_model(args.model, n_bins=n_bins)
-    load_guide(args.guide)
     result = run_paper_experiment(args.model, args.guide, seed=args.seed,
                                   n_particles=args.particles, steps=args.steps,
                                   device=args.device, progress=not args.quiet)

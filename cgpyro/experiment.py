@@ -91,6 +91,8 @@ def run_paper_experiment(
     if not 2 <= n_observed <= n_steps:
         raise ValueError(f"need 2 <= n_observed <= n_steps, got {n_observed} and {n_steps}")
     eval_times = [t for t in eval_times if n_observed <= t <= n_steps]
+    cg_model = _as_model(model, n_bins)  # a bad spec fails before the (long) simulation
+    factory, svi, _ = _svi_settings(guide)
     t0 = time.perf_counter()
     data, sim = simulate_dataset(n_train + n_test, n_steps, n_particles=n_particles,
                                  n_bins=n_bins, seed=seed, progress=progress)
@@ -98,8 +100,6 @@ def run_paper_experiment(
     frac = data.fractions
     counts = data.counts
     train, test = counts[:n_train, :n_observed], counts[n_train:, :n_observed]
-    cg_model = _as_model(model, n_bins)
-    factory, svi, _ = _svi_settings(guide)
     if steps is not None:
         svi["steps"] = steps
     inference = SVIInference(cg_model, guide=factory, seed=seed, device=device,

@@ -15,6 +15,7 @@ wrong.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -221,6 +222,7 @@ class Run:
             else all).
         """
         from . import data as cgdata
+        from .inference import SVIInference
         from .specs import load_guide, load_model_spec
         from .virtual import constraint_identity
 
@@ -241,7 +243,8 @@ class Run:
         model_spec = load_model_spec(model)
         built = _build_model(model_spec.path, dataset.n_bins, model_spec.file)
         guide_spec = load_guide(guide)
-        steps = steps or guide_spec.svi.get("steps", 2000)
+        steps = steps or guide_spec.svi.get(
+            "steps", inspect.signature(SVIInference).parameters["steps"].default)
         constraints = {vo["constraint"]: ident for vo in model_spec.virtual_observables
                        if (ident := constraint_identity(vo["constraint"])) is not None}
         config = {
@@ -425,15 +428,17 @@ class Run:
 
     def forecast(self, data, horizon: int, *, num_samples: int = 200, seed: int = 0,
                  allow_other_grid: bool = False, name: str = "--data",
-                 max_bytes: int | None = None):
+                 max_bytes: int | None = None, out=None):
         """Posterior forecast of ``data`` (a Dataset) ``horizon`` steps past its last snapshot.
 
         Data on another grid (bin edges) or time step ``dt`` than the training data is
         refused unless ``allow_other_grid``; so is a forecast whose samples would need more
         than ``max_bytes`` (default: the available memory). Returns a
-        :class:`~cgpyro.predict.ForecastResult` (arrays (sample, sequence, time, bin)).
+        :class:`~cgpyro.predict.Forecast` (summaries (sequence, time, bin)); ``out``: also
+        write its :meth:`~cgpyro.predict.Forecast.to_npz_dict` arrays to this ``.npz`` file
+        (atomically: readers never see a partial file).
         """
-        from .checkpoint import available_memory, gib
+        from .checkpoint import atomic_write, available_memory, gib
         from .guides import guide_for_new_sequences
         from .predict import forecast
 
@@ -462,6 +467,13 @@ class Run:
         guide = inference.guide if same else guide_for_new_sequences(inference, data.counts)
         result = forecast(self.model, guide, data.counts, horizon, num_samples=num_samples,
                           seed=seed)
-        if not all(np.isfinite(v).all() for v in result.to_npz_dict().values()):
+        arrays = result.to_npz_dict()
+        if not all(np.isfinite(v).all() for v in arrays.values()):
             raise RunError(f"{self.path}: the forecast is not finite; the run may be diverged")
+        if out is not None:
+            def write(tmp):
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, **arrays)
+
+            atomic_write(out, write)
         return result

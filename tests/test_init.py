@@ -59,6 +59,40 @@ def test_error_classes_exported():
     assert issubclass(cgpyro.DataError, ValueError)  # user input errors are ValueErrors
 
 
+def test_every_error_class_is_exported():
+    """Each ``class ...Error`` in the package is a public name (the CLI's UsageError excepted:
+    ``cgpyro.cli.main`` turns it into exit code 2, so no caller of the library meets it)."""
+    import ast
+    from pathlib import Path
+
+    defined = set()
+    for path in Path(cgpyro.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        defined |= {(path.stem, node.name) for node in ast.walk(tree)
+                    if isinstance(node, ast.ClassDef) and node.name.endswith("Error")}
+    assert ("run", "RunError") in defined  # the scan sees the package
+    missing = {name for module, name in defined
+               if name not in cgpyro.__all__ and (module, name) != ("cli", "UsageError")}
+    assert not missing, sorted(missing)
+    for module, name in defined - {("cli", "UsageError")}:
+        assert getattr(cgpyro, name).__name__ == name, (module, name)
+
+
+def test_catching_input_errors_stays_light():
+    """``except cgpyro.SpecError`` (or RunError, DataError) loads no heavy dependency."""
+    loaded = _modules_after("import cgpyro\ncgpyro.SpecError, cgpyro.RunError, cgpyro.DataError")
+    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_public_submodules_resolve():
+    import types
+
+    for name in cgpyro._SUBMODULES:
+        module = getattr(cgpyro, name)
+        assert isinstance(module, types.ModuleType) and module.__name__ == f"cgpyro.{name}"
+    assert not {m for m in cgpyro._SUBMODULES if m.startswith("_")}
+
+
 def test_exports_are_the_defining_objects():
     from cgpyro.inference import SVIInference
     from cgpyro.predict import forecast

@@ -1134,7 +1134,6 @@ def test_every_option_has_help_and_the_wording_is_the_papers():
 def test_the_run_object_from_python(world, tmp_path):
     """Issue 10 item 3: create / fit / open / resume / forecast without the command line; the
     lock is held while the run is open for writing and released by ``with``."""
-    from cgpyro.cli import load_run
     from cgpyro.run import Run, RunError, RunLockedError
 
     data = load(world / "d.npz")
@@ -1153,8 +1152,15 @@ def test_the_run_object_from_python(world, tmp_path):
     result = opened.forecast(data, 3, num_samples=4, seed=0)
     arrays = result.to_npz_dict()
     assert all(np.isfinite(v).all() for v in arrays.values())
-    model, inference, train, config = load_run(tmp_path / "r")  # the old entry point
-    assert inference.step == 6 and config["steps"] == 6 and train.counts.shape == (3, 5, 5)
+    reopened = Run.open(tmp_path / "r")  # the trained state, as cgpyro.cli.load_run gave it
+    inference = reopened.load()
+    assert inference.step == 6 and reopened.config["steps"] == 6
+    assert reopened.train.counts.shape == (3, 5, 5)
+    out = tmp_path / "f.npz"
+    reopened.forecast(data, 3, num_samples=4, seed=0, out=out)
+    with np.load(out) as saved:
+        assert sorted(saved.files) == sorted(arrays)
+        assert all(np.array_equal(saved[k], v) for k, v in arrays.items())
 
 
 def test_runs_without_digests_still_open(world, tmp_path, capsys):
