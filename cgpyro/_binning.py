@@ -5,20 +5,23 @@ Sites sit at the lattice points ``s_i = a + i * ds`` (i = 0 .. n_sites - 1) of t
 point, so with 1,280 sites and 25 bins the bins hold 51 or 52 sites (1280 / 25 = 51.2). All
 arithmetic is integer, so a lattice point on a bin edge always goes to the bin on its right.
 
-This module depends on numpy only; ``cgpyro.systems``, ``cgpyro.reference`` and the
-interacting system import it (and ``cgpyro.reference`` re-exports its names).
+This module depends on numpy (and ``cgpyro._checks``) only; ``cgpyro.systems``,
+``cgpyro.reference`` and the interacting system import it (and ``cgpyro.reference`` re-exports
+its names), so that neither of the first two imports the other.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from cgpyro._checks import is_int
+
 __all__ = ["bin_fractions", "bin_of_site", "bin_sizes", "bin_starts", "check_bins"]
 
 
 def check_bins(n_sites: int, n_bins: int) -> None:
     """Raise ``ValueError`` unless ``n_bins`` is an integer in ``[1, n_sites]``."""
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int | np.integer):
+    if not is_int(n_bins):
         raise ValueError(f"n_bins: expected an integer, found {type(n_bins).__name__}")
     if not 1 <= n_bins <= n_sites:
         raise ValueError(

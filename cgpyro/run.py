@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._checks import check_int, is_int
+
 __all__ = ["RUN_FILES", "Run", "RunError", "RunLockedError", "estimate_training"]
 
 RUN_FILES = ("config.json", "model.toml", "guide.toml", "train.npz", "checkpoint.pt")
@@ -124,14 +126,11 @@ def _read_config(run: Path) -> dict:
     if not isinstance(config, dict):
         raise RunError(f"{path}: expected a JSON object, found {type(config).__name__}")
 
-    def is_int(x, low):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
     rules = {
         "data_shape": (lambda v: isinstance(v, list) and len(v) == 3
-                       and all(is_int(n, 1) for n in v), "a list of 3 positive integers"),
-        "steps": (lambda v: is_int(v, 1), "a positive integer"),
-        "seed": (lambda v: is_int(v, 0) and v < 2**32, "an integer in [0, 2**32)"),
+                       and all(is_int(n) and n >= 1 for n in v), "a list of 3 positive integers"),
+        "steps": (lambda v: is_int(v) and v >= 1, "a positive integer"),
+        "seed": (lambda v: is_int(v) and 0 <= v < 2**32, "an integer in [0, 2**32)"),
         "device": (lambda v: v in ("cpu", "cuda"), "'cpu' or 'cuda'"),
     }
     for key, (ok, rule) in rules.items():
@@ -256,9 +255,10 @@ class Run:
             "constraints": constraints,
         }
         if batch_size is not None:
-            if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-                raise RunError(f"batch_size must be a positive integer, got {batch_size!r}")
-            config["batch_size"] = batch_size
+            try:
+                config["batch_size"] = check_int(batch_size, "batch_size")
+            except ValueError as err:
+                raise RunError(str(err)) from None
         run = cls(path, config, built, guide_spec, dataset)
         run.data_name = data_name
         run._check_memory(max_bytes)
