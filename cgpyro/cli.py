@@ -253,42 +253,6 @@ def _writable_dir(path: Path, flag: str = "--out") -> Path:
     return path
 
 
-class _StepBoundarySignals:
-    """Ctrl-C (SIGINT) and SIGTERM (a batch system's time limit) during training stop it at
-    the end of the current step, so that the checkpoint written on interrupt holds a
-    consistent state. The first signal is remembered and acted on at the next step boundary
-    (also when it comes while the first step is being prepared); later ones are ignored until
-    the checkpoint is saved. Outside training the previous handlers apply."""
-
-    def __init__(self):
-        self.pending = False
-        self.previous: dict = {}
-
-    def install(self, inference) -> None:
-        import signal
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            return
-        inference.callbacks.append(self._at_step_end)  # last: sees signals from the others
-        signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
-        self.previous = {sig: signal.signal(sig, self._handler) for sig in signals}
-
-    def _handler(self, signum, frame) -> None:
-        self.pending = True  # acted on at the step boundary; repeats change nothing
-
-    def _at_step_end(self, step, loss, inference) -> None:
-        if self.pending:
-            raise KeyboardInterrupt
-
-    def restore(self) -> None:
-        import signal
-
-        for sig, old in self.previous.items():
-            signal.signal(sig, old)
-        self.previous = {}
-
-
 def _single_thread() -> None:
     """One torch thread unless OMP_NUM_THREADS says otherwise: the CG tensors are small (one
     SVI step on the paper's data: 5.9 ms with 1 thread, 5.5 ms with 2), and on a busy 2-core
@@ -326,26 +290,20 @@ def _run_train(args: argparse.Namespace) -> int:
             raise UsageError("train: argument --allow-import: only with --resume (a new run "
                              "imports the constraints of the spec you name)")
         out = _writable_dir(args.out)
-        run = Run.create(out, args.data, args.model or "physics", args.guide or "lognormal",
-                         steps=args.steps, seed=0 if args.seed is None else args.seed,
-                         device=args.device or "cpu", max_bytes=max_bytes,
-                         batch_size=args.batch_size)
-    signals = _StepBoundarySignals()
+        given = {flag: getattr(args, flag) for flag in ("model", "guide", "seed", "device")
+                 if getattr(args, flag) is not None}  # absent: Run.create's defaults
+        run = Run.create(out, args.data, steps=args.steps, max_bytes=max_bytes,
+                         batch_size=args.batch_size, **given)
     with run:
         try:
             inference = run.fit(steps=args.steps if args.resume is not None else None,
-                                progress=not args.quiet, on_start=signals.install,
-                                max_bytes=max_bytes)
-        except KeyboardInterrupt:
-            inference = run.inference
-            if inference is not None and run.checkpoint.is_file():
-                raise KeyboardInterrupt(
-                    f"interrupted at step {inference.step}; checkpoint saved in "
-                    f"{run.checkpoint}; continue with: cgpyro train --resume {run.path}"
-                ) from None
+                                progress=not args.quiet, max_bytes=max_bytes,
+                                stop_on_signals=True)
+        except KeyboardInterrupt as exc:
+            if str(exc):  # the checkpoint was saved
+                raise KeyboardInterrupt(f"{exc}; continue with: cgpyro train --resume "
+                                        f"{run.path}") from None
             raise
-        finally:
-            signals.restore()
     print(f"trained {inference.step} steps in {inference.fit_seconds:.1f} s; "
           f"final loss {inference.loss_history[-1]:.6g}; run saved in {run.path}")
     return EXIT_OK

@@ -168,6 +168,43 @@ def _build_model(spec, n_bins: int, where: str):
                         f"{' '.join(str(err).split())[:200]})") from None
 
 
+class _StepBoundarySignals:
+    """Ctrl-C (SIGINT) and SIGTERM (a batch system's time limit) during training stop it at
+    the end of the current step (a ``KeyboardInterrupt`` there), so that the checkpoint
+    written on interrupt holds a consistent state. The first signal is remembered and acted
+    on at the next step boundary (also when it comes while the first step is being
+    prepared); later ones are ignored until the checkpoint is saved. Outside training the
+    previous handlers apply."""
+
+    def __init__(self):
+        self.pending = False
+        self.previous: dict = {}
+
+    def install(self, inference) -> None:
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        inference.callbacks.append(self._at_step_end)  # last: sees signals from the others
+        signals = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in signals}
+
+    def _handler(self, signum, frame) -> None:
+        self.pending = True  # acted on at the step boundary; repeats change nothing
+
+    def _at_step_end(self, step, loss, inference) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self.previous.items():
+            signal.signal(sig, old)
+        self.previous = {}
+
+
 class Run:
     """A run directory: its configuration, model, guide spec and training data.
 
@@ -384,12 +421,15 @@ class Run:
                            "started on (or leave the data out)")
 
     def fit(self, *, steps: int | None = None, progress: bool = True, callbacks=(),
-            on_start=None, max_bytes: int | None = None):
+            on_start=None, max_bytes: int | None = None, stop_on_signals: bool = False):
         """Train: from the start, or from ``checkpoint.pt`` where there is one (resume).
 
         :param steps: total steps (default: ``config.json``'s; more extends a finished run).
-        :param on_start: ``on_start(inference)`` before training (e.g. to install signal
-            handlers that stop at a step boundary).
+        :param on_start: ``on_start(inference)`` before training.
+        :param stop_on_signals: while training (main thread only), SIGINT and SIGTERM stop it
+            at the end of the current step; later ones wait until the checkpoint is saved.
+            An interrupt after which the checkpoint holds the run raises ``KeyboardInterrupt``
+            naming the step and the checkpoint.
         :returns: the :class:`~cgpyro.inference.SVIInference`, trained.
         """
         if self._lock is None:
@@ -404,7 +444,18 @@ class Run:
         self.inference = inference
         if on_start is not None:
             on_start(inference)
-        inference.fit(self.train, resume=resume)
+        signals = _StepBoundarySignals()
+        if stop_on_signals:
+            signals.install(inference)  # after on_start: its callback comes last
+        try:
+            inference.fit(self.train, resume=resume)
+        except KeyboardInterrupt:
+            if self.checkpoint.is_file():
+                raise KeyboardInterrupt(f"interrupted at step {inference.step}; checkpoint "
+                                        f"saved in {self.checkpoint}") from None
+            raise
+        finally:
+            signals.restore()
         _write_text(self.path / "config.json", json.dumps(self.config, indent=2))
         return inference
 

@@ -1163,6 +1163,29 @@ def test_the_run_object_from_python(world, tmp_path):
         assert all(np.array_equal(saved[k], v) for k, v in arrays.items())
 
 
+def test_run_fit_stops_on_signals_at_a_step_boundary(world, tmp_path):
+    """``Run.fit(stop_on_signals=True)`` from Python: a SIGINT during a step stops training at
+    its end, the KeyboardInterrupt names the saved step, the previous handler is back."""
+    from cgpyro.run import Run
+
+    before = signal.getsignal(signal.SIGINT)
+
+    def ctrl_c(step, loss, inference):
+        if inference.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    seen = []  # steps whose callbacks all ran: the signal's own step finishes first
+    with Run.create(tmp_path / "r", load(world / "d.npz"), steps=40, seed=3) as run:
+        with pytest.raises(KeyboardInterrupt, match=r"interrupted at step (\d+); checkpoint "
+                                                    r"saved in .*checkpoint\.pt") as info:
+            run.fit(progress=False, callbacks=[ctrl_c, lambda s, l, inf: seen.append(inf.step)],
+                    stop_on_signals=True)
+    assert seen[-1] == 3
+    assert signal.getsignal(signal.SIGINT) is before
+    step = int(re.search(r"step (\d+)", str(info.value)).group(1))
+    assert _state(tmp_path / "r")["step"] == step < 40
+
+
 def test_runs_without_digests_still_open(world, tmp_path, capsys):
     """Run directories written before the digests (format 1) open as before; a directory
     left by a run that crashed before its first checkpoint can be trained into again."""
