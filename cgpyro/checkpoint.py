@@ -96,16 +96,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _optim_state(optim) -> dict:
-    """Optimizer state per parameter, including state restored from a checkpoint that no step
-    has consumed yet (Pyro creates each optimizer lazily at the first step: without this, a
-    resumed run interrupted before its first step would save an empty optimizer state)."""
-    if optim is None:
-        return {}
-    pending = getattr(optim, "_state_waiting_to_be_consumed", {})
-    return {**pending, **optim.get_state()}
-
-
 def plain(obj, where: str = "checkpoint"):
     """``obj`` with NumPy scalars and arrays turned into Python numbers and lists, so that the
     safe loader (``weights_only=True``) reads back everything that was written (a NumPy bool in
@@ -127,17 +117,21 @@ def plain(obj, where: str = "checkpoint"):
                     "numbers, strings, lists and dicts only)")
 
 
-def save_checkpoint(path, *, step: int, optim, loss_history, config: dict, extra=None) -> None:
-    """Write the param store, optimizer state, RNG states, step and config to ``path``.
+def save_checkpoint(path, *, step: int, optim: dict | None, loss_history, config: dict,
+                    extra=None, params: dict | None = None) -> None:
+    """Write parameters, optimizer state, RNG states, step and config to ``path``.
 
+    :param optim: torch optimizer state (``state_dict()``) per parameter name, or ``None``.
+    :param params: unconstrained parameter values by name (default: Pyro's param store).
     ``config`` and ``extra`` are stored as plain Python types (see :func:`plain`).
     """
-    store = pyro.get_param_store()
+    if params is None:
+        params = dict(pyro.get_param_store().named_parameters())
     payload = {
         "format": "cgpyro-checkpoint-1",
         "step": int(step),
-        "params": {k: v.detach().cpu() for k, v in store._params.items()},
-        "optim": _to_cpu(_optim_state(optim)),
+        "params": {k: v.detach().cpu() for k, v in params.items()},
+        "optim": _to_cpu(optim or {}),
         "rng": rng_state(),
         "loss_history": [float(x) for x in loss_history],
         "config": plain(config, "config"),

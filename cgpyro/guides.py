@@ -1,36 +1,68 @@
-"""Variational families q(X, θ) for :class:`~cgpyro.model.CGModel`."""
+"""Variational families q(X, θ) for :class:`~cgpyro.model.CGModel`, as ``PyroModule``\\ s.
+
+Every guide is a container module in the style of Pyro's ``AutoGuideList``: a MAP part
+``theta`` (:class:`ThetaMAP`: a Delta per unfixed θ site) and a part for the states X. The
+parameters are the modules' own ``PyroParam``\\ s, named ``theta.{site}`` and ``{prefix}.…`` in
+Pyro's param store; all guides follow the :class:`CGGuide` protocol.
+"""
 
 from __future__ import annotations
 
 import math
 import operator
+from typing import Protocol, runtime_checkable
 
 import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions import constraints
-from pyro.infer.autoguide import (
-    AutoDelta,
-    AutoGuideList,
-    AutoLowRankMultivariateNormal,
-    AutoNormal,
-    init_to_value,
-)
+from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroParam
+from pyro.nn import PyroModule, PyroParam
+from pyro.nn.module import to_pyro_module_
 from torch import nn
 
 __all__ = [
     "AmortizedGuide",
     "CGAutoGuide",
+    "CGGuide",
     "LogNormalGuide",
+    "ThetaMAP",
     "auto_guide",
     "guide_for_new_sequences",
     "init_states_from_counts",
     "theta_map",
 ]
+
+
+@runtime_checkable
+class CGGuide(Protocol):
+    """What cgpyro's training, prediction and diagnostics need of a guide.
+
+    ``theta`` is the MAP part (its parameters get their own step size ``lr_theta``); ``X`` in
+    :meth:`median` / :meth:`quantiles` are the states ``(n_sequences, n_times, n_bins)`` (also
+    for the Markov form of the model, whose sites are ``X_0 … X_{T-1}``).
+    """
+
+    theta: ThetaMAP
+
+    def __call__(self, counts=None, totals=None, n_times=None, forecast=0,
+                 subsample_size=None, resample_observed=False) -> None:
+        """Sample θ (Delta sites) and X, given the model's arguments."""
+
+    def theta_map(self) -> dict[str, torch.Tensor]:
+        """θ_MAP (detached) by site name, fixed sites included."""
+
+    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of ``log X``, each ``(n_sequences, n_times, n_bins)``."""
+
+    def median(self) -> dict[str, torch.Tensor]:
+        """θ_MAP and the median of X, by site name."""
+
+    def quantiles(self, quantiles) -> dict[str, torch.Tensor]:
+        """Per site, the quantiles stacked on a leading axis of ``len(quantiles)``."""
 
 
 def init_states_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,116 +78,190 @@ def init_states_from_counts(counts: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return frac.log() - 0.5 * scale**2, scale
 
 
-def own_params(guide) -> None:
-    """Bind ``guide`` to the current values of its parameters in Pyro's global param store.
+def own_parameters(guide: nn.Module) -> dict[str, torch.Tensor]:
+    """Param-store name -> the guide's own (unconstrained) tensor, for a top-level guide."""
+    return {name.removesuffix("_unconstrained"): p for name, p in guide.named_parameters()}
 
-    Every fit starts with ``pyro.clear_param_store()``; without this a guide fitted earlier
-    would silently read the parameters of whatever was fitted last under the same names. A bound
-    guide puts its own tensors back into the store whenever it is called.
+
+class ThetaMAP(PyroModule):
+    """The MAP part of every guide: ``pyro.sample(site, Delta(θ_site))`` per unfixed θ site.
+
+    One ``PyroParam`` per site, constrained to the prior's support and started at ``init``
+    (default ``model.init_values()``); with ``values`` θ is held at those constants (no
+    parameters), as for new sequences.
+
+    :param like: a tensor of the guide's dtype and device.
     """
-    store = pyro.get_param_store()
-    mine = (f"{guide.prefix}.", f"{guide.prefix}$$$")
-    if getattr(guide, "theta_values", None) is None:
-        mine += ("theta.",)
-    guide._owned_params = {
-        "params": {n: store._params[n] for n in store.keys() if n.startswith(mine)},
-        "constraints": {n: store._constraints[n] for n in store.keys() if n.startswith(mine)},
-    }
+
+    def __init__(self, model, like: torch.Tensor, init=None, values=None):
+        super().__init__()
+        self.event_dims: dict[str, int] = {}
+        self.fixed_values = None if values is None else {}
+        for name, prior in model.priors(like.dtype, like.device).items():
+            if name in model.fixed:
+                continue
+            self.event_dims[name] = prior.event_dim
+            if values is not None:
+                self.fixed_values[name] = values[name].to(like)
+                continue
+            if init is None:
+                init = model.init_values(dtype=like.dtype)
+            deep_setattr(self, name, PyroParam(init[name].to(like), prior.support,
+                                               prior.event_dim))
+
+    def _value(self, name: str) -> torch.Tensor:
+        if self.fixed_values is not None:
+            return self.fixed_values[name]
+        return operator.attrgetter(name)(self)
+
+    def forward(self) -> None:
+        for name, event_dim in self.event_dims.items():
+            pyro.sample(name, dist.Delta(self._value(name), event_dim=event_dim))
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """θ_MAP (detached) of the unfixed sites, by site name."""
+        return {name: self._value(name).detach() for name in self.event_dims}
 
 
-def _rebind(guide) -> None:
-    owned = getattr(guide, "_owned_params", None)
-    if not owned:
-        return
-    store = pyro.get_param_store()
-    if any(store._params.get(n) is not v for n, v in owned["params"].items()):
-        store.set_state(owned)
+class _Guide(PyroModule):
+    """A root module ``theta`` (:class:`ThetaMAP`) + a states part named ``prefix``: the
+    parameters are ``theta.{site}`` and ``{prefix}.…`` in the param store."""
+
+    def __init__(self, model, like: torch.Tensor, prefix: str):
+        if not (isinstance(prefix, str) and prefix.isidentifier() and prefix != "theta"):
+            raise ValueError(f"prefix must be a Python identifier other than 'theta', "
+                             f"got {prefix!r}")
+        super().__init__(name="")
+        self._model = (model,)  # a tuple: the model (a PyroModule) is not part of the guide
+        self._like = like.new_zeros(())  # dtype and device of the guide's tensors
+        self.prefix = prefix
+        self._called = False
+
+    @property
+    def model(self):
+        return self._model[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self._like.device
+
+    @property
+    def _states(self) -> nn.Module:
+        return getattr(self, self.prefix)
+
+    def __call__(self, *args, **kwargs):
+        # PyroModule adopts the tensor the global param store holds under a parameter's name
+        # (store -> module) and registers its own only where the name is free. A guide's first
+        # call does just that (guides built side by side share θ, as pyro.param would), but
+        # fits start with pyro.clear_param_store() and guides share names (theta.*, q.*): a
+        # guide used before would then read, and train, whatever was fitted last. So from its
+        # second call on a guide drops the store's entries of its names that hold other
+        # tensors, and PyroModule puts its own back. (module_local_params is no option:
+        # pyro.optim names parameters, for per-parameter step sizes and optimizer state,
+        # through the global store.)
+        if self._called:
+            store = pyro.get_param_store()
+            held = dict(store.named_parameters())
+            for name, param in own_parameters(self).items():
+                if name in held and held[name] is not param:
+                    del store[name]
+        self._called = True
+        return super().__call__(*args, **kwargs)
+
+    def theta_map(self) -> dict[str, torch.Tensor]:
+        """θ_MAP (detached) by site name; fixed sites included."""
+        return {**self.theta.values(), **self.model.fixed}
+
+    def states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of ``log X``, each ``(n_sequences, n_times, n_bins)``."""
+        raise NotImplementedError
+
+    def median(self) -> dict[str, torch.Tensor]:
+        """θ_MAP and the median ``exp(loc)`` of X ``(n_sequences, n_times, n_bins)``."""
+        return {**self.theta_map(), "X": self.states()[0].exp()}
+
+    def quantiles(self, quantiles) -> dict[str, torch.Tensor]:
+        """As Pyro's ``AutoGuide.quantiles``: site -> values ``(len(quantiles), *shape)``
+        (θ: its MAP value repeated; X: the quantiles of its lognormal marginals)."""
+        loc, scale = self.states()
+        qs = torch.as_tensor(quantiles, dtype=loc.dtype, device=loc.device)
+        if qs.dim() != 1 or not ((qs > 0) & (qs < 1)).all():
+            raise ValueError(f"quantiles must be a list of numbers in (0, 1), got {quantiles!r}")
+        out = {k: v.expand(len(qs), *v.shape) for k, v in self.theta_map().items()}
+        out["X"] = (loc + scale * torch.special.ndtri(qs).reshape(-1, 1, 1, 1)).exp()
+        return out
 
 
-class LogNormalGuide:
+class _LogNormalStates(PyroModule):
+    """``X ~ LogNormal(X_loc, X_scale)`` per sequence, time and bin, in the sequence plate."""
+
+    def __init__(self, loc: torch.Tensor, scale: torch.Tensor, vectorized: bool):
+        super().__init__()
+        self.X_loc = PyroParam(loc)
+        self.X_scale = PyroParam(scale, constraints.positive)
+        self.vectorized = vectorized
+
+    def forward(self, subsample_size=None) -> None:
+        loc, scale = self.X_loc, self.X_scale
+        with pyro.plate("sequences", loc.shape[0], subsample_size=subsample_size, dim=-1) as idx:
+            if self.vectorized:
+                pyro.sample("X", dist.LogNormal(loc[idx], scale[idx]).to_event(2))
+            else:
+                for t in pyro.markov(range(loc.shape[1])):
+                    pyro.sample(f"X_{t}", dist.LogNormal(loc[idx, t], scale[idx, t]).to_event(1))
+
+
+class LogNormalGuide(_Guide):
     r"""The paper's mean-field guide (eq. 15, section 3.2).
 
     ``q(X, θ) = Π_i Π_t Π_j LogNormal(X_{i,t,j} | μ_{i,t,j}, s_{i,t,j}) · δ(θ - θ_MAP)``
 
-    Parameters (``pyro.param``): ``{prefix}.X_loc`` and ``{prefix}.X_scale`` of shape
-    ``(n_sequences, n_times, n_bins)``, and ``theta.{site}`` for every unfixed parameter site
-    of the model (Delta sites: MAP estimates). Guides with different ``prefix`` share θ, which is
-    how new sequences are fitted with θ held fixed (``theta_values``).
+    Parameters: ``{prefix}.X_loc`` and ``{prefix}.X_scale`` of shape
+    ``(n_sequences, n_times, n_bins)``, and ``theta.{site}`` (the :class:`ThetaMAP` part) for
+    every unfixed parameter site of the model. With ``theta_values`` θ is fixed (no θ
+    parameters), which is how new sequences are fitted.
 
     :param model: the :class:`~cgpyro.model.CGModel`.
-    :param counts: counts ``(n_sequences, n_times, n_bins)`` used to initialize q(X).
+    :param counts: counts ``(n_sequences, n_times, n_bins)`` used to initialize q(X); they fix
+        the guide's dtype and device.
     :param theta_init: initial values of θ by site name (default: ``model.init_values()``).
-    :param theta_values: if given, θ is fixed to these values and has no ``pyro.param``.
+    :param theta_values: if given, θ is fixed to these values.
     """
 
     def __init__(self, model, counts: torch.Tensor, theta_init=None, theta_values=None,
                  prefix: str = "q"):
-        self.model = model
+        super().__init__(model, counts, prefix)
         self.n_sequences, self.n_times, self.n_bins = counts.shape
-        self.init_loc, self.init_scale = init_states_from_counts(counts)
-        self.theta_init = theta_init
-        self.theta_values = theta_values
-        self.prefix = prefix
+        self.theta = ThetaMAP(model, counts, theta_init, theta_values)
+        self.init_loc, scale = init_states_from_counts(counts)
+        self.add_module(prefix, _LogNormalStates(self.init_loc, scale, model.vectorized))
+        self.init_scale = scale
 
-    # -- θ -------------------------------------------------------------------------------
-    def _theta(self, dtype, device):
-        init = None
-        for name, prior in self.model.priors(dtype, device).items():
-            if name in self.model.fixed:
-                continue
-            if self.theta_values is not None:
-                value = self.theta_values[name].to(dtype=dtype, device=device)
-            else:
-                if init is None:
-                    init = self.theta_init or self.model.init_values(dtype=dtype)
-                value = pyro.param(
-                    f"theta.{name}", lambda n=name: init[n].to(dtype=dtype, device=device),  # noqa: B023 (called at once)
-                    constraint=prior.support,
-                )
-            pyro.sample(name, dist.Delta(value, event_dim=prior.event_dim))
+    @property
+    def init_scale(self) -> torch.Tensor:
+        """Initial scale of q(X); setting it restarts q(X)'s scale there."""
+        return self._init_scale
 
-    def theta_map(self) -> dict[str, torch.Tensor]:
-        """The MAP estimates θ_MAP (detached), by site name; fixed sites included."""
-        _rebind(self)
-        if self.theta_values is not None:
-            out = dict(self.theta_values)
-        else:
-            store = pyro.get_param_store()
-            out = {
-                name: store[f"theta.{name}"].detach()
-                for name in self.model.priors() if name not in self.model.fixed
-            }
-        out.update(self.model.fixed)
-        return out
+    @init_scale.setter
+    def init_scale(self, value: torch.Tensor) -> None:
+        self._init_scale = value
+        self._states.X_scale = PyroParam(value, constraints.positive)
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``."""
-        _rebind(self)
-        store = pyro.get_param_store()
-        return store[f"{self.prefix}.X_loc"].detach(), store[f"{self.prefix}.X_scale"].detach()
+        return self._states.X_loc.detach(), self._states.X_scale.detach()
 
-    def __call__(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
-                 resample_observed=False):
-        _rebind(self)
+    def forward(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
+                resample_observed=False) -> None:
         like = counts if counts is not None else totals
-        dtype, device = like.dtype, like.device
-        self._theta(dtype, device)
-        loc = pyro.param(f"{self.prefix}.X_loc", lambda: self.init_loc.to(like))
-        scale = pyro.param(f"{self.prefix}.X_scale", lambda: self.init_scale.to(like),
-                           constraint=constraints.positive)
         n_times = counts.shape[1] if counts is not None else n_times
-        if tuple(loc.shape[:2]) != (like.shape[0], n_times):
+        self.theta()
+        if (self.n_sequences, self.n_times) != (like.shape[0], n_times):
             raise ValueError(
-                f"the guide was built for {tuple(loc.shape[:2])} (sequences, times); "
+                f"the guide was built for {(self.n_sequences, self.n_times)} (sequences, times); "
                 f"got data with {like.shape[0]} sequences and {n_times} times"
             )
-        with pyro.plate("sequences", self.n_sequences, subsample_size=subsample_size,
-                        dim=-1) as idx:
-            if self.model.vectorized:
-                pyro.sample("X", dist.LogNormal(loc[idx], scale[idx]).to_event(2))
-            else:
-                for t in pyro.markov(range(self.n_times)):
-                    pyro.sample(f"X_{t}", dist.LogNormal(loc[idx, t], scale[idx, t]).to_event(1))
+        self._states(subsample_size)
 
 
 # =========================================================================== amortized guide
@@ -184,7 +290,7 @@ class _AmortizedNet(nn.Module):
         return d_loc, d_log_scale
 
 
-class AmortizedGuide:
+class AmortizedGuide(_Guide):
     r"""Amortized lognormal guide: a network maps the counts around each snapshot to q(X_t).
 
     ``q(X, θ) = Π_i Π_t LogNormal(X_{i,t} | μ_φ(m_{i,t-w:t+w}), s_φ(m_{i,t-w:t+w})) · δ(θ - θ_MAP)``
@@ -200,8 +306,8 @@ class AmortizedGuide:
     Because q(X) is a function of the counts, calling the guide with counts of *new* sequences
     gives their q(X) without any refit (e.g. ``forecast(model, guide, new_counts, H)``).
 
-    Parameters: the network, registered as ``pyro.module(prefix, net)`` (params
-    ``{prefix}$$$...``), and ``theta.{site}`` for every unfixed parameter site (as in
+    Parameters: the network (a ``PyroModule`` submodule ``{prefix}``, params
+    ``{prefix}.hidden.0.weight`` …) and ``theta.{site}`` for every unfixed parameter site (as in
     :class:`LogNormalGuide`). Works with the vectorized (site ``X``) and the Markov form (sites
     ``X_{t}``) of the model.
 
@@ -211,7 +317,7 @@ class AmortizedGuide:
     :param theta_init: initial θ by site name (default: ``model.init_values()``).
     :param hidden: width of the two hidden layers (int) or the list of widths.
     :param window: half-width ``w`` of the window of snapshots seen per time (``>= 0``).
-    :param theta_values: if given, θ is fixed to these values and has no ``pyro.param``.
+    :param theta_values: if given, θ is fixed to these values.
     """
 
     def __init__(self, model, counts: torch.Tensor, theta_init=None, hidden=64, window: int = 3,
@@ -226,25 +332,22 @@ class AmortizedGuide:
         if counts.dim() != 3 or counts.shape[-1] != model.n_bins:
             raise ValueError(f"counts must be (n_sequences, n_times, {model.n_bins}), "
                              f"got {tuple(counts.shape)}")
-        self.model = model
+        super().__init__(model, counts, prefix)
         self.counts = counts
         self.n_sequences, self.n_times, self.n_bins = counts.shape
-        self.hidden, self.window, self.prefix = hidden, window, prefix
-        self.theta_init, self.theta_values = theta_init, theta_values
+        self.hidden, self.window = hidden, window
         n_features = (2 * window + 1) * self.n_bins + 2 * window + 1
-        self.net = _AmortizedNet(n_features, self.n_bins, hidden).to(
-            dtype=counts.dtype, device=counts.device
-        )
+        net = _AmortizedNet(n_features, self.n_bins, hidden).to(dtype=counts.dtype,
+                                                                device=counts.device)
+        to_pyro_module_(net)  # in place: its layers' parameters are named {prefix}.…
+        self.add_module(prefix, net)
+        self.theta = ThetaMAP(model, counts, theta_init, theta_values)
 
     @property
-    def device(self) -> torch.device:
-        return self.counts.device
+    def net(self) -> nn.Module:
+        """The network (a ``PyroModule``)."""
+        return self._states
 
-    # -- θ: the same Delta sites and ``theta.{site}`` params as LogNormalGuide ---------------
-    _theta = LogNormalGuide._theta
-    theta_map = LogNormalGuide.theta_map
-
-    # -- q(X) ----------------------------------------------------------------------------
     def features(self, counts: torch.Tensor) -> torch.Tensor:
         """Network inputs ``(n_sequences, n_times, (2w + 1) n_bins + 2w + 1)`` from counts."""
         S, T, B = counts.shape
@@ -279,18 +382,14 @@ class AmortizedGuide:
     def states(self, counts: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``, for ``counts``
         (default: the training counts)."""
-        _rebind(self)
         with torch.no_grad():
-            pyro.module(self.prefix, self.net)  # load the trained weights from the param store
             return self._loc_scale(self.counts if counts is None else counts)
 
-    def __call__(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
-                 resample_observed=False):
-        _rebind(self)
+    def forward(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
+                resample_observed=False) -> None:
         if counts is None:
             raise ValueError("the amortized guide needs the observed counts")
-        self._theta(counts.dtype, counts.device)
-        pyro.module(self.prefix, self.net)
+        self.theta()
         n_seq, n_times = counts.shape[:2]
         with pyro.plate("sequences", n_seq, subsample_size=subsample_size, dim=-1) as idx:
             loc, scale = self._loc_scale(counts[idx])
@@ -302,17 +401,6 @@ class AmortizedGuide:
 
 
 # =========================================================================== Pyro autoguides
-class _ThetaDelta(AutoDelta):
-    """``AutoDelta`` whose params are named ``theta.{site}``, as in :class:`LogNormalGuide`.
-
-    The name matters beyond cosmetics: ``SVIInference`` gives params named ``theta.*`` their
-    own step size ``lr_theta``.
-    """
-
-    def _pyro_set_supermodule(self, name, context):
-        super()._pyro_set_supermodule("theta", context)
-
-
 class _StatesNormal(AutoNormal):
     """``AutoNormal`` whose scales start at the given tensors (site -> unconstrained scale)."""
 
@@ -327,50 +415,59 @@ class _StatesNormal(AutoNormal):
                          PyroParam(scale, self.scale_constraint, self._event_dims[name]))
 
 
-class CGAutoGuide(AutoGuideList):
-    """The ``AutoGuideList`` built by :func:`auto_guide`: part 0 is MAP θ, part 1 q(X)."""
+class CGAutoGuide(_Guide):
+    """The guide built by :func:`auto_guide`: ``theta`` (:class:`ThetaMAP`) and a Pyro
+    autoguide ``q`` on the states (params ``q.…``), composed as in ``AutoGuideList``."""
 
-    def __init__(self, model, cg_model, theta_sites: list[str]):
-        super().__init__(model)
-        self.cg_model_ref = (cg_model,)  # a tuple: not registered as a submodule
-        self.theta_sites = list(theta_sites)
+    def __init__(self, model, counts: torch.Tensor, theta_init=None, kind: str = "normal",
+                 rank: int = 10):
+        super().__init__(model, counts, "q")
+        self.theta = ThetaMAP(model, counts, theta_init)
+        loc, scale = init_states_from_counts(counts)
+        values = {**self.theta.values(), "X": loc.exp()}  # X: the median of the lognormal start
+        init_fn = init_to_value(values=values)
+        # Every prototype run of the model uses these values (never a draw from the wide prior).
+        states_model = poutine.block(InitMessenger(init_fn)(model), expose=["X"])
+        if kind == "normal":
+            self.q = _StatesNormal(states_model, init_loc_fn=init_fn, init_scales={"X": scale})
+        else:
+            self.q = AutoLowRankMultivariateNormal(
+                states_model, init_loc_fn=init_fn, init_scale=float(scale.median()), rank=rank)
 
-    def _parts(self):
-        if self.prototype_trace is None:
+    def _trained(self) -> nn.Module:
+        if self.q.prototype_trace is None:
             raise ValueError("the autoguide has no parameters yet: train it (or call it) first")
-        parts = list(self)
-        return (parts[0] if self.theta_sites else None), parts[-1]
+        return self.q
 
     def theta_map(self) -> dict[str, torch.Tensor]:
-        """The MAP estimates θ_MAP (detached), by site name; fixed sites included."""
-        _rebind(self)
-        theta_part, _ = self._parts()
-        out = {name: operator.attrgetter(name)(theta_part).detach() for name in self.theta_sites}
-        out.update(self.cg_model_ref[0].fixed)
-        return out
+        """θ_MAP (detached) by site name; fixed sites included."""
+        self._trained()
+        return super().theta_map()
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of the marginals of ``log X``, each ``(n_seq, n_times, n_bins)``."""
-        _rebind(self)
-        _, part = self._parts()
+        part = self._trained()
         with torch.no_grad():
             if isinstance(part, AutoNormal):
-                return part._get_loc_and_scale("X")
-            loc, scale = part._loc_scale()
-            site = part.prototype_trace.nodes["X"]
-            return loc.detach().reshape(site["value"].shape), scale.detach().reshape(
-                site["value"].shape)
+                return part.locs.X.detach(), part.scales.X.detach()
+            posterior = part.get_posterior()
+            shape = part.prototype_trace.nodes["X"]["value"].shape
+            return posterior.loc.reshape(shape), posterior.variance.sqrt().reshape(shape)
+
+    def forward(self, *args, **kwargs) -> None:
+        self.theta()
+        self.q(*args, **kwargs)
 
 
 def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal",
                rank: int = 10) -> CGAutoGuide:
-    """A Pyro autoguide: ``AutoDelta`` (MAP) on θ and ``AutoNormal`` or a low-rank MVN on ``X``.
+    """A Pyro autoguide on ``X`` (``AutoNormal`` or a low-rank MVN) with MAP θ (:class:`ThetaMAP`).
 
     The states are Gaussian in ``log X`` (the support of ``X`` is positive), initialized like
     :class:`LogNormalGuide` from the counts. ``kind="lowrank"`` uses
     ``AutoLowRankMultivariateNormal`` of the given ``rank`` over all states of all sequences
     (correlations across time and bins), so its size grows as ``n_seq · n_times · n_bins · rank``.
-    θ params are named ``theta.{site}`` as in :class:`LogNormalGuide`. Vectorized models only.
+    Vectorized models only.
 
     :param counts: ``(n_sequences, n_times, n_bins)``; the guide is tied to these sequences.
     """
@@ -380,27 +477,7 @@ def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal
         raise ValueError(f"kind must be 'normal' or 'lowrank', got {kind!r}")
     if not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    dtype, device = counts.dtype, counts.device
-    theta_init = theta_init or model.init_values(dtype=dtype)
-    theta_sites = [name for name in model.priors() if name not in model.fixed]
-    loc, scale = init_states_from_counts(counts)
-    values = {name: theta_init[name].to(dtype=dtype, device=device) for name in theta_sites}
-    values["X"] = loc.exp()  # the median of the lognormal start
-    init_fn = init_to_value(values=values)
-    # Every prototype run of the model uses these values (never a draw from the wide prior).
-    initialized = InitMessenger(init_fn)(model)
-    guide = CGAutoGuide(initialized, model, theta_sites)
-    guide.device = device  # where the guide's params live (read by prediction code)
-    if theta_sites:
-        guide.append(_ThetaDelta(poutine.block(initialized, expose=theta_sites),
-                                 init_loc_fn=init_fn))
-    states_model = poutine.block(initialized, expose=["X"])
-    if kind == "normal":
-        guide.append(_StatesNormal(states_model, init_loc_fn=init_fn, init_scales={"X": scale}))
-    else:
-        guide.append(AutoLowRankMultivariateNormal(
-            states_model, init_loc_fn=init_fn, init_scale=float(scale.median()), rank=rank))
-    return guide
+    return CGAutoGuide(model, counts, theta_init, kind, rank)
 
 
 # =========================================================================== helpers

@@ -19,7 +19,7 @@ from ._threads import with_auto_threads
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataError, Dataset, validate
 from .elbo import AnalyticTraceELBO
-from .guides import LogNormalGuide, own_params
+from .guides import AmortizedGuide, LogNormalGuide, own_parameters
 from .transitions import Drift
 
 __all__ = ["SVIInference", "NumericalError", "fit_drift_least_squares", "as_counts"]
@@ -238,12 +238,23 @@ def _fit_flux_drift(model, counts, theta, max_iter):
 
 
 # --------------------------------------------------------------------------- SVI
-def _decay_lr(optim, factor: float) -> None:
-    """Set every param group's lr to ``factor`` times its initial lr."""
-    for opt in optim.optim_objs.values():
-        for group in opt.param_groups:
-            group.setdefault("base_lr", group["lr"])
-            group["lr"] = group["base_lr"] * factor
+def _guide_parameters(guide) -> dict[str, torch.Tensor]:
+    """Param-store name -> unconstrained tensor of ``guide`` (a module: its own parameters;
+    a plain callable guide: whatever the param store holds)."""
+    if isinstance(guide, torch.nn.Module):
+        return own_parameters(guide)
+    return dict(pyro.get_param_store().named_parameters())
+
+
+# Names of checkpoints written before guides were PyroModules (cgpyro <= 0.x): pyro.module's
+# "{prefix}$$${name}" and the AutoGuideList parts "CGAutoGuide.{i}." of the autoguide states.
+_OLD_NAMES = ((re.compile(r"\$\$\$"), "."), (re.compile(r"^CGAutoGuide\.\d+\."), "q."))
+
+
+def _current_name(name: str) -> str:
+    for pattern, new in _OLD_NAMES:
+        name = pattern.sub(new, name)
+    return name
 
 
 class SVIInference:
@@ -356,8 +367,24 @@ class SVIInference:
         return cls(num_particles=self.num_particles, vectorize_particles=self.num_particles > 1)
 
     def _optim_args(self, name: str) -> dict:
-        lr = self.lr_theta if name.startswith("theta.") else self.lr
-        return {"lr": lr, "betas": (0.9, 0.999)}
+        # θ (the parameters of the guide's MAP part) has its own step size
+        param = dict(pyro.get_param_store().named_parameters())[name]
+        theta = getattr(self.guide, "theta", None)
+        is_theta = isinstance(theta, torch.nn.Module) and any(
+            param is p for p in theta.parameters())
+        return {"lr": self.lr_theta if is_theta else self.lr, "betas": (0.9, 0.999)}
+
+    def _lr_factor(self, epoch: int) -> float:
+        """Geometric decay from 1 to ``lr_final_factor`` over ``steps``: the scheduler's epoch
+        ``k + 1`` (after step ``k``, counted from 0) gives ``lr_final_factor ** (k / steps)``."""
+        return self.lr_final_factor ** (max(epoch - 1, 0) / self.steps)
+
+    def _optimizer(self):
+        """Adam with one step size per parameter and the lr decay, a per-parameter
+        ``LambdaLR`` that :meth:`_set_lr` steps once per SVI step."""
+        return pyro.optim.LambdaLR({"optimizer": torch.optim.Adam,
+                                    "optim_args": self._optim_args,
+                                    "lr_lambda": self._lr_factor})
 
     def _anneal(self, step: int) -> None:
         progress = step / self.steps
@@ -365,21 +392,29 @@ class SVIInference:
             vo.anneal(progress)
 
     def _set_lr(self, optim, step: int) -> None:
-        _decay_lr(optim, self.lr_final_factor ** (step / self.steps))
+        """The lr for the step after ``step``: one step of every parameter's scheduler."""
+        optim.step()
+
+    def _optim_state(self, optim) -> dict:
+        """Torch optimizer state per parameter name (the scheduler's position is the step count),
+        including state restored from a checkpoint that no step has consumed yet (Pyro creates
+        each optimizer at its parameter's first step)."""
+        current = {name: state["optimizer"] for name, state in optim.get_state().items()}
+        return {**self._restored_optim, **current}
 
     def _save(self, optim) -> None:
         if self.checkpoint is None:
             return
-        save_checkpoint(self.checkpoint, step=self.step, optim=optim,
-                        loss_history=self.loss_history, config=self.config,
-                        extra={"converged": bool(self.converged)})
+        save_checkpoint(self.checkpoint, step=self.step, optim=self._optim_state(optim),
+                        params=_guide_parameters(self.guide), loss_history=self.loss_history,
+                        config=self.config, extra={"converged": bool(self.converged)})
 
     def _check_finite(self, loss: float) -> None:
         bad = None
         if not math.isfinite(loss):
             bad = f"loss is {loss}"
         else:
-            for name, value in pyro.get_param_store().items():
+            for name, value in _guide_parameters(self.guide).items():
                 if not torch.isfinite(value).all():
                     bad = f"parameter {name!r} is not finite"
                     break
@@ -410,8 +445,7 @@ class SVIInference:
         # Minibatch SVI over sequences: the plate scales the batch's terms by n / batch_size.
         subsample = self.batch_size if self.batch_size and self.batch_size < len(counts) \
             else None
-        if subsample and not hasattr(self.guide, "prefix") \
-                and not hasattr(self.guide, "features"):
+        if subsample and not isinstance(self.guide, LogNormalGuide | AmortizedGuide):
             raise ValueError("batch_size needs the lognormal or amortized guide (autoguides "
                              "see every sequence at each step)")
         start = time.perf_counter()
@@ -448,13 +482,7 @@ class SVIInference:
             self.fit_seconds += time.perf_counter() - start
         self._anneal(self.steps)  # leave σ_c at its final value for prediction
         self._save(optim)
-        self._own()
         return self
-
-    def _own(self, guide=None) -> None:
-        guide = guide if guide is not None else self.guide
-        if hasattr(guide, "prefix"):  # pyro.param-based guides; autoguides keep their own
-            own_params(guide)
 
     def _setup(self, data, payload):
         counts = as_counts(data, device=self.device)
@@ -480,10 +508,10 @@ class SVIInference:
         if self.warm_start and payload is None:
             theta_init = fit_drift_least_squares(self.model, counts, theta_init, generator=gen)
         self.guide = self._make_guide(counts, theta_init)
-        optim = pyro.optim.Adam(self._optim_args)
+        optim = self._optimizer()
         svi = SVI(self.model, self.guide, optim, loss=self._elbo())
         self.step, self.loss_history, self.converged = 0, [], False
-        self._last_saved = None
+        self._last_saved, self._restored_optim = None, {}
         if payload is not None:
             self._restore(payload, counts, optim)
         self.optim = optim
@@ -497,7 +525,6 @@ class SVIInference:
         self._setup(data, load_checkpoint(checkpoint))
         for vo in self.model.virtual_observables:
             vo.anneal(1.0)
-        self._own()
         return self
 
     def _has_converged(self, scale: int) -> bool:
@@ -522,24 +549,29 @@ class SVIInference:
             if key in self.config and config.get(key) != self.config[key]:
                 raise CheckpointError(f"checkpoint was written for another {what} than this "
                                       "run's (a checkpoint from another run?)")
-        # Register every param (and its constraint) with one guide trace, then overwrite values.
+        # One guide trace creates every parameter (autoguides create theirs lazily), then the
+        # saved (unconstrained) values are copied into the guide's own tensors.
         with torch.no_grad():
             pyro.poutine.trace(self.guide).get_trace(counts)
-        store = pyro.get_param_store()
-        missing = set(store.keys()) ^ set(payload["params"])
+        own = _guide_parameters(self.guide)
+        saved = {_current_name(k): v for k, v in payload["params"].items()}
+        missing = set(own) ^ set(saved)
         if missing:
             raise CheckpointError(f"checkpoint parameters do not match this model/guide: "
                                   f"{sorted(missing)[:5]}")
-        for name, value in payload["params"].items():
-            unconstrained = store._params[name]
-            if unconstrained.shape != value.shape:
+        for name, value in saved.items():
+            if own[name].shape != value.shape:
                 raise CheckpointError(f"checkpoint parameter {name!r} has shape "
                                       f"{tuple(value.shape)}, "
-                                      f"expected {tuple(unconstrained.shape)}")
+                                      f"expected {tuple(own[name].shape)}")
             with torch.no_grad():
-                unconstrained.copy_(value.to(unconstrained))
-        optim.set_state(payload["optim"])
+                own[name].copy_(value.to(own[name]))
         self.step = int(payload["step"])
+        self._restored_optim = {_current_name(k): v for k, v in payload["optim"].items()}
+        # Each parameter's scheduler resumes at the step count (lr_lambdas: see LambdaLR).
+        optim.set_state({name: {"optimizer": state,
+                                "scheduler": {"last_epoch": self.step, "lr_lambdas": [None]}}
+                         for name, state in self._restored_optim.items()})
         self.loss_history = list(payload["loss_history"])
         self.converged = bool(payload.get("extra", {}).get("converged", False))
         self._last_saved = self.step
@@ -569,10 +601,12 @@ class SVIInference:
         guide = LogNormalGuide(self.model, counts, theta_values=self.guide.theta_map(),
                                prefix=prefix)
         store = pyro.get_param_store()
-        for key in (f"{prefix}.X_loc", f"{prefix}.X_scale"):
-            if key in store:
-                del store[key]
-        optim = pyro.optim.Adam({"lr": self.lr, "betas": (0.9, 0.999)})
+        for name in own_parameters(guide):  # start from the counts, not an earlier fit's states
+            if name in store:
+                del store[name]
+        optim = pyro.optim.LambdaLR({
+            "optimizer": torch.optim.Adam, "optim_args": {"lr": self.lr, "betas": (0.9, 0.999)},
+            "lr_lambda": lambda epoch: self.lr_final_factor ** (max(epoch - 1, 0) / steps)})
         svi = SVI(self.model, guide, optim, loss=self._elbo())
         for step in range(steps):
             for vo in self.model.virtual_observables:
@@ -584,10 +618,9 @@ class SVIInference:
                     raise
                 raise NumericalError(f"inferring new sequences: {_describe_invalid(err)} at step "
                                      f"{step}") from None
-            _decay_lr(optim, self.lr_final_factor ** (step / steps))
+            optim.step()
             if not math.isfinite(loss):
                 raise NumericalError(f"inferring new sequences: loss is {loss} at step {step}")
         for vo in self.model.virtual_observables:
             vo.anneal(1.0)
-        own_params(guide)
         return guide

@@ -5,6 +5,7 @@ import pyro
 import pytest
 import torch
 
+from cgpyro.checkpoint import CheckpointError
 from cgpyro.inference import NumericalError, SVIInference, fit_drift_least_squares
 from cgpyro.model import CGModel
 from cgpyro.transitions import Drift, GaussianTransition
@@ -104,7 +105,7 @@ def test_nan_stops_training_with_a_message(tmp_path):
     def poison(step, loss, inference):
         if step == 20:
             with torch.no_grad():
-                pyro.get_param_store()._params["q.X_loc"].fill_(float("nan"))
+                dict(pyro.get_param_store().named_parameters())["q.X_loc"].fill_(float("nan"))
 
     inference = SVIInference(linear_model(), steps=100, progress=False, callbacks=[poison],
                              checkpoint=tmp_path / "ck.pt", checkpoint_every=10)
@@ -198,3 +199,60 @@ def test_minibatch_training_recovers_the_drift():
     assert np.abs(J.numpy() - K).max() < 0.03
     with pytest.raises(ValueError, match="batch_size must be None or a positive integer"):
         SVIInference(model, batch_size=0)
+
+
+def test_learning_rates_decay_geometrically_and_theta_has_its_own():
+    """After SVI step k (from 0) every step size is its start times lr_final_factor ** (k/steps);
+    θ (the guide's MAP part, found by module membership) starts at lr_theta."""
+    counts = linear_data(n_seq=3, n_times=4)
+    seen = {}
+
+    def record(step, loss, inference):
+        for name, state in inference.optim.get_state().items():
+            seen.setdefault(name, []).append(state["optimizer"]["param_groups"][0]["lr"])
+
+    inference = SVIInference(linear_model(), steps=7, lr=0.02, lr_theta=0.005,
+                             lr_final_factor=0.3, progress=False, callbacks=[record]).fit(counts)
+    theta = {name for name, _ in inference.guide.theta.named_pyro_params(prefix="theta")}
+    assert theta and seen.keys() == theta | {"q.X_loc", "q.X_scale"}
+    for name, lrs in seen.items():
+        start = 0.005 if name in theta else 0.02
+        expected = [start * 0.3 ** (k / 7) for k in range(7)]
+        assert np.allclose(lrs, expected, rtol=0, atol=1e-12), name
+
+
+def test_checkpoints_with_the_names_of_older_cgpyro_resume(tmp_path):
+    """Before guides were PyroModules the amortized network's params were named
+    ``amortized$$$…`` and the autoguide's states ``CGAutoGuide.{i}.…``: such runs resume."""
+    from cgpyro.guides import AmortizedGuide
+
+    counts = linear_data(n_seq=3, n_times=4)
+
+    def factory(model, counts, theta_init):
+        return AmortizedGuide(model, counts, theta_init, hidden=8, window=1)
+
+    def inference(**kw):
+        return SVIInference(linear_model(), guide=factory, steps=6, progress=False, **kw)
+
+    full = inference().fit(counts)
+
+    def stop(step, loss, inf):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    ck = tmp_path / "ck.pt"
+    with pytest.raises(KeyboardInterrupt):
+        inference(checkpoint=ck, callbacks=[stop]).fit(counts)
+    payload = torch.load(ck, weights_only=True)
+    old = {name: name.replace("amortized.", "amortized$$$") for name in payload["params"]}
+    assert any("$$$" in name for name in old.values())
+    for key in ("params", "optim"):
+        payload[key] = {old[name]: value for name, value in payload[key].items()}
+    del payload["sha256"]  # older files are read without one, too
+    torch.save(payload, ck)
+    resumed = inference(checkpoint=ck).fit(counts, resume=ck)
+    assert resumed.loss_history == full.loss_history
+    payload["params"]["amortized$$$extra"] = torch.zeros(2)
+    torch.save(payload, ck)
+    with pytest.raises(CheckpointError, match="do not match this model/guide"):
+        inference().fit(counts, resume=ck)
