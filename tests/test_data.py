@@ -131,6 +131,33 @@ def test_nc_layout_is_netcdf_via_xarray(tmp_path, dataset):
         assert float(ds["dt"]) == 4.0
 
 
+def test_nc_file_is_the_one_xarray_writes(tmp_path, dataset):
+    """``save`` writes NetCDF with h5netcdf directly: the same variables, dims, attributes and
+    encoding (NaN ``_FillValue`` on floats) as ``xarray.Dataset.to_netcdf`` did."""
+    import h5py
+    import xarray as xr
+
+    save(dataset, tmp_path / "d.nc")
+    xr.Dataset({"counts": (("sequence", "time", "bin"), dataset.counts),
+                "bin_edges": (("edge",), dataset.bin_edges),
+                "dt": ((), np.float64(dataset.dt))},
+               attrs={"description": "cgpyro CG bin counts (sequence, time, bin)"},
+               ).to_netcdf(tmp_path / "ref.nc", engine="h5netcdf")
+    with xr.open_dataset(tmp_path / "d.nc", engine="h5netcdf") as ours, \
+            xr.open_dataset(tmp_path / "ref.nc", engine="h5netcdf") as ref:
+        assert ours.identical(ref)
+        assert {k: v.encoding.get("dtype") for k, v in ours.variables.items()} == \
+            {k: v.encoding.get("dtype") for k, v in ref.variables.items()}
+
+    def layout(path):
+        with h5py.File(path, "r") as f:
+            return {name: (f[name].shape, f[name].dtype, f[name].chunks,
+                           sorted(set(f[name].attrs) - {"REFERENCE_LIST", "DIMENSION_LIST"}))
+                    for name in f} | {"/": sorted(set(f.attrs) - {"_NCProperties"})}
+
+    assert layout(tmp_path / "d.nc") == layout(tmp_path / "ref.nc")
+
+
 def test_npz_with_only_counts_gets_defaults(tmp_path):
     np.savez(tmp_path / "c.npz", counts=make_counts())
     back = load(tmp_path / "c.npz")

@@ -27,9 +27,11 @@ def test_import_loads_no_heavy_dependency():
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
 
 
-def test_cli_help_and_simulate_stay_light(tmp_path):
-    """``cgpyro --help`` and ``cgpyro simulate`` need neither torch nor ArviZ nor matplotlib."""
-    out = tmp_path / "small.npz"
+@pytest.mark.parametrize("suffix", [".npz", ".nc"])
+def test_cli_help_and_simulate_stay_light(tmp_path, suffix):
+    """``cgpyro --help`` and ``cgpyro simulate`` need neither torch nor ArviZ nor matplotlib
+    (nor xarray and pandas for a NetCDF file)."""
+    out = tmp_path / f"small{suffix}"
     loaded = _modules_after(
         "import contextlib as c, io\nfrom cgpyro.cli import main\n"
         "with c.redirect_stdout(io.StringIO()), c.redirect_stderr(io.StringIO()):\n"
@@ -37,7 +39,7 @@ def test_cli_help_and_simulate_stay_light(tmp_path):
         f"    assert main(['simulate', '--sequences', '2', '--steps', '2', '--particles', '100', "
         f"'--out', {str(out)!r}]) == 0")
     assert out.is_file()
-    assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))
+    assert not loaded & {*HEAVY, "pandas"}, sorted(loaded & {*HEAVY, "pandas"})
 
 
 @pytest.mark.parametrize("name", cgpyro.__all__)
