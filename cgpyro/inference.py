@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -109,6 +110,8 @@ class SVIInference:
         expectations of the data, constraint and entropy terms; same ELBO, lower variance) or
         ``"trace"`` (plain ``Trace_ELBO``).
     """
+
+    _task = "training"  # what the loop runs, for error messages
 
     def __init__(
         self,
@@ -252,6 +255,8 @@ class SVIInference:
             self._numerical_failure(self.step, bad)
 
     def _numerical_failure(self, step: int, bad: str):
+        if self._task != "training":
+            raise NumericalError(f"{self._task}: {bad} at step {step}")
         last = (f"last good checkpoint: {self.checkpoint} (step {self._last_saved})"
                 if self.checkpoint is not None and self._last_saved is not None
                 else "no checkpoint was written")
@@ -271,13 +276,20 @@ class SVIInference:
         if self.step > self.steps:
             raise CheckpointError(f"checkpoint {resume} is at step {self.step}, beyond "
                                   f"steps={self.steps}: pass steps >= {self.step}")
-        scale = counts.shape[0] * counts.shape[1]
         # Minibatch SVI over sequences: the plate scales the batch's terms by n / batch_size.
         subsample = self.batch_size if self.batch_size and self.batch_size < len(counts) \
             else None
         if subsample and not isinstance(self.guide, LogNormalGuide | AmortizedGuide):
             raise ValueError("batch_size needs the lognormal or amortized guide (autoguides "
                              "see every sequence at each step)")
+        self._loop(svi, optim, counts, subsample)
+        return self
+
+    def _loop(self, svi, optim, counts, subsample) -> None:
+        """SVI steps from ``self.step`` to ``steps``: annealing, lr schedule, NaN checks,
+        callbacks, early stopping and checkpoints (the one loop of :meth:`fit` and
+        :meth:`infer_states`)."""
+        scale = counts.shape[0] * counts.shape[1]
         start = time.perf_counter()
         bar = progress_bar(self.steps, self.step, disable=not self.progress)  # log: 10 % lines
         annealed_at = anneal_end(self.model.virtual_observables, self.steps)
@@ -312,7 +324,6 @@ class SVIInference:
             self.fit_seconds += time.perf_counter() - start
         self._anneal(self.steps)  # leave σ_c at its final value for prediction
         self._save(optim)
-        return self
 
     def _setup(self, data, payload):
         counts = as_counts(data, device=self.device)
@@ -434,23 +445,12 @@ class SVIInference:
         for name in own_parameters(guide):  # start from the counts, not an earlier fit's states
             if name in store:
                 del store[name]
-        optim = pyro.optim.LambdaLR({
-            "optimizer": torch.optim.Adam, "optim_args": {"lr": self.lr, "betas": (0.9, 0.999)},
-            "lr_lambda": lambda epoch: self.lr_final_factor ** (max(epoch - 1, 0) / steps)})
-        svi = SVI(self.model, guide, optim, loss=self._elbo())
-        for step in range(steps):
-            for vo in self.model.virtual_observables:
-                vo.anneal(step / steps)
-            try:
-                loss = svi.step(counts)
-            except ValueError as err:
-                if not _is_invalid_values(err):
-                    raise
-                raise NumericalError(f"inferring new sequences: {_describe_invalid(err)} at step "
-                                     f"{step}") from None
-            optim.step()
-            if not math.isfinite(loss):
-                raise NumericalError(f"inferring new sequences: loss is {loss} at step {step}")
-        for vo in self.model.virtual_observables:
-            vo.anneal(1.0)
+        # The training loop, on a copy that holds this run: its own step count, θ fixed (the
+        # guide has no θ parameters), no callbacks, checkpoints or early stopping.
+        run = copy.copy(self)
+        run.guide, run.steps, run._task = guide, steps, "inferring new sequences"
+        run.callbacks, run.checkpoint, run.tol, run.progress = [], None, None, False
+        run.step, run.loss_history, run.converged, run._last_saved = 0, [], False, None
+        optim = run._optimizer()
+        run._loop(SVI(self.model, guide, optim, loss=self._elbo()), optim, counts, None)
         return guide
