@@ -38,7 +38,10 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     correction_radius = 2            # flux: reach of the per-bin (non-equivariant) correction
     channels = []                    # flux: conv face-flux network widths ([]: linear stencil)
     kernel = 5                       # flux: odd conv kernel width (bins)
-    hyper_prior_scale = 1.0          # flux: HalfCauchy(s) hyperprior on the two prior scales
+    hyper_prior_scale = 1.0          # flux: HalfCauchy(s) hyperprior on the prior scales
+    memory = false                   # flux: + Σ_k c_k (X_t - X_{t-1})_{j-k}: true | false |
+                                     # "auto" (on where held-out training rollouts improve)
+    memory_radius = 1                # flux: reach of the memory stencil (bins)
                                      # (flux: activation default "tanh", weight scale 1.0)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
@@ -130,7 +133,7 @@ MODEL_KEYS = {
     "transition": ("drift", "hidden", "activation", "linear_skip", "conserve_mass", "noise",
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
-                   "hyper_prior_scale"),
+                   "hyper_prior_scale", "memory", "memory_radius"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -250,6 +253,13 @@ class ModelSpec:
             model.fix(name, tensor)
 
 
+def _memory_setting(table, key: str):
+    value = table.data[key]
+    if not (isinstance(value, bool) or value == "auto"):
+        table.fail(key, f"expected true, false or 'auto', found {show(value)}")
+    return value
+
+
 def load_model_spec(path_or_name) -> ModelSpec:
     """Read and validate a model spec (a ``.toml`` path or a name in ``models/``)."""
     path = resolve(path_or_name, "models", "model")
@@ -271,7 +281,8 @@ def load_model_spec(path_or_name) -> ModelSpec:
                 tr.fail(key, "is an mlp setting; drift = 'flux' uses radius, correction_radius, "
                              "channels, kernel")
     else:
-        for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale"):
+        for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale",
+                    "memory", "memory_radius"):
             if tr.has(key):
                 tr.fail(key, "is a flux setting; set drift = 'flux' to use it")
     radius = tr.data.get("radius", "auto")
@@ -286,6 +297,8 @@ def load_model_spec(path_or_name) -> ModelSpec:
         channels=tr.widths,
         kernel=tr.get_int,
         hyper_prior_scale=tr.get_number,
+        memory=lambda k: _memory_setting(tr, k),
+        memory_radius=lambda k: tr.get_int(k, minimum=0),
         hidden=tr.widths,
         activation=lambda k: tr.get_str(k, choices=sorted(ACTIVATIONS)),
         linear_skip=tr.get_bool,
@@ -388,7 +401,7 @@ class GuideSpec:
     """A validated guide spec.
 
     ``kind``: ``"lognormal"`` | ``"amortized"`` | ``"auto"``; ``options``: the guide's keyword
-    arguments (defaults filled in); ``svi``: keyword arguments of
+    arguments given in the spec (absent ones: the guide's defaults); ``svi``: keyword arguments of
     :class:`~cgpyro.inference.SVIInference` given in the spec.
     """
 
