@@ -143,7 +143,8 @@ class _Guide(PyroModule):
 
     @property
     def device(self) -> torch.device:
-        return self._like.device
+        """Where the guide's parameters live."""
+        return next(iter(self.parameters()), self._like).device
 
     @property
     def _states(self) -> nn.Module:
