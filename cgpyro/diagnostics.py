@@ -1,28 +1,26 @@
 """ArviZ ``InferenceData`` of a fitted model: posterior states, reconstructions, log-likelihood.
 
-The variational posterior q(X) is sampled by :func:`~cgpyro.predict.posterior_predictive`
+The variational posterior q(X) is sampled by :func:`~cgpyro.predict.posterior_samples`
 (``pyro.infer.Predictive``'s computation with the plate nesting known) exactly as
-:func:`~cgpyro.predict.forecast` does, and laid out with named dims so that ``az.summary``,
-``az.plot_hdi``, ``az.loo`` and ``az.compare`` work on it. q is not an MCMC posterior: there is
-one chain of independent draws (``chain=1``, ``draw=num_samples``), so R-hat is undefined and the
-effective sample size equals the number of draws up to Monte Carlo noise.
+:func:`~cgpyro.predict.forecast` does, and handed to ``az.from_dict`` with named dims so that
+``az.summary``, ``az.plot_hdi``, ``az.loo`` and ``az.compare`` work on it. q is not an MCMC
+posterior: there is one chain of independent draws (``chain=1``, ``draw=num_samples``), so R-hat
+is undefined and the effective sample size equals the number of draws up to Monte Carlo noise.
 """
 
 from __future__ import annotations
 
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 
 import arviz as az
 import numpy as np
 import pyro
 import torch
-import xarray as xr
 
 from ._version import __version__
 from .inference import as_counts
-from .predict import _collect, posterior_predictive
+from .predict import posterior_samples
 
 __all__ = [
     "to_inference_data",
@@ -70,22 +68,23 @@ def _coords(data, n_times: int, n_bins: int, horizon: int, dt, bin_edges):
     if edges.shape != (n_bins + 1,):
         raise ValueError(f"bin_edges must have shape ({n_bins + 1},) for {n_bins} bins, "
                          f"got {edges.shape}")
-    return {
-        "chain": np.arange(1),
-        "sequence": np.arange(0),  # filled by the caller
-        "time": np.arange(n_times) * float(dt),
-        "forecast_time": (n_times + np.arange(horizon)) * float(dt),
-        "bin": _centres(edges),
-    }, float(dt), edges
+    coords = {"time": np.arange(n_times) * float(dt), "bin": _centres(edges)}
+    if horizon:
+        coords["forecast_time"] = (n_times + np.arange(horizon)) * float(dt)
+    return coords, float(dt), edges
 
 
-def _guide_device(guide) -> torch.device | None:
-    """Where the guide's tensors live (``None``: the default device)."""
-    device = getattr(guide, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    loc = getattr(guide, "init_loc", None)  # LogNormalGuide
-    return loc.device if torch.is_tensor(loc) else None
+# Named dims of each variable after (chain, draw); θ sites get ArviZ's ``{site}_dim_k``.
+# One entry serves all groups: in log_likelihood ArviZ drops the trailing ``bin`` of ``counts``.
+_DIMS = {
+    "X": ["sequence", "time", "bin"],
+    "mass": ["sequence", "time"],
+    "counts": ["sequence", "time", "bin"],
+    "X_forecast": ["sequence", "forecast_time", "bin"],
+    "counts_forecast": ["sequence", "forecast_time", "bin"],
+    "totals": ["sequence"],
+    "bin_edges": ["edge"],
+}
 
 
 @torch.no_grad()
@@ -113,7 +112,8 @@ def to_inference_data(
       (chain, draw, sequence, forecast_time, bin), Algorithm 1 rolled past the last snapshot.
     - ``observed_data``: ``counts`` (sequence, time, bin), int64.
     - ``log_likelihood``: ``counts`` (chain, draw, sequence, time), ``log p_cf(m_t | X_t)``
-      (eq. 17) of the observed counts for each draw of X — the pointwise terms of ``az.loo``.
+      (eq. 17) of the observed counts for each draw of X, from the trace of the model replayed
+      on the draws: the pointwise terms of ``az.loo``.
       Expect Pareto k > 0.7 there: each snapshot is nearly the only information on its X_t, so
       leaving it out moves q(X_t) far; compare models by ``az.compare`` with that caveat.
 
@@ -129,57 +129,31 @@ def to_inference_data(
         raise ValueError(f"horizon must be a non-negative integer, got {horizon!r}")
     if not isinstance(num_samples, int | np.integer) or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
-    device = _guide_device(guide)
-    counts = as_counts(data, device=device)
+    counts = as_counts(data)
     n_seq, n_times, n_bins = counts.shape
     if n_bins != model.n_bins:
         raise ValueError(f"data has {n_bins} bins, the model has {model.n_bins}")
     coords, dt, edges = _coords(data, n_times, n_bins, int(horizon), dt, bin_edges)
     coords["sequence"] = np.arange(n_seq)
-    coords["draw"] = np.arange(num_samples)
-    totals = counts[:, 0].sum(-1)
 
-    pyro.set_rng_seed(seed)
-    out = posterior_predictive(model, guide, num_samples, counts, forecast=int(horizon),
-                               resample_observed=True)
-    x, m = _collect(model, out, n_times, horizon)  # (sample, sequence, time, bin)
+    out = posterior_samples(model, guide, counts, num_samples, forecast=int(horizon), seed=seed,
+                            log_likelihood=True)
+    out["mass"] = out["X"].sum(-1)
+    draws = {name: value.cpu().numpy()[None] for name, value in out.items()}  # (chain=1, draw)
 
-    theta = guide.theta_map() if hasattr(guide, "theta_map") else {}
-    emis_theta = {k[len("emission."):]: v.to(counts)
-                  for k, v in theta.items() if k.startswith("emission.")}
-    x_obs = x[:, :, :n_times]
-    loglik = model.emission(x_obs, totals[:, None], emis_theta).log_prob(counts)
-
-    def draws(t: torch.Tensor) -> np.ndarray:  # (sample, ...) -> (chain=1, draw, ...)
-        return t.cpu().numpy()[None]
-
-    state_dims = ["chain", "draw", "sequence", "time", "bin"]
-    fc_dims = ["chain", "draw", "sequence", "forecast_time", "bin"]
-    base = {"chain": coords["chain"], "draw": coords["draw"], "sequence": coords["sequence"]}
-    obs_coords = {**base, "time": coords["time"], "bin": coords["bin"]}
-
-    posterior = {"X": (state_dims, draws(x_obs)),
-                 "mass": (state_dims[:-1], draws(x_obs.sum(-1)))}
+    posterior = {"X": draws["X"], "mass": draws["mass"]}
     if include_theta:
-        for name, value in theta.items():
+        for name, value in guide.theta_map().items():
             value = value.detach().cpu().numpy()
-            dims = [f"{name}_dim_{k}" for k in range(value.ndim)]
-            posterior[name] = (["chain", "draw", *dims],
-                               np.broadcast_to(value, (1, num_samples, *value.shape)).copy())
-    predictive_vars = {"counts": (state_dims, draws(m[:, :, :n_times]).astype(np.int64))}
-    pp_coords = dict(obs_coords)
+            posterior[name] = np.broadcast_to(value, (1, num_samples, *value.shape)).copy()
+    predictive = {"counts": draws["counts"].astype(np.int64)}
     if horizon:
-        pp_coords["forecast_time"] = coords["forecast_time"]
-        predictive_vars["X_forecast"] = (fc_dims, draws(x[:, :, n_times:]))
-        predictive_vars["counts_forecast"] = (fc_dims,
-                                              draws(m[:, :, n_times:]).astype(np.int64))
-
+        predictive["X_forecast"] = draws["X_forecast"]
+        predictive["counts_forecast"] = draws["counts_forecast"].astype(np.int64)
     attrs = {
-        "created_at": datetime.now(UTC).isoformat(),
         "inference_library": "pyro",
         "inference_library_version": pyro.__version__,
         "cgpyro_version": __version__,
-        "arviz_version": az.__version__,
         "model": describe_model(model),
         "guide": type(guide).__name__,
         "posterior": "variational q(X) with theta at its MAP estimate; one chain of i.i.d. draws",
@@ -189,23 +163,19 @@ def to_inference_data(
         "n_observed": int(n_times),
         "dt": dt,
     }
-    return az.InferenceData(
-        attrs=attrs,
-        posterior=xr.Dataset(posterior, coords=base | {"time": coords["time"],
-                                                       "bin": coords["bin"]}, attrs=attrs),
-        posterior_predictive=xr.Dataset(predictive_vars, coords=pp_coords, attrs=attrs),
-        log_likelihood=xr.Dataset(
-            {"counts": (state_dims[:-1], draws(loglik))},
-            coords={k: v for k, v in obs_coords.items() if k != "bin"}, attrs=attrs,
-        ),
-        observed_data=xr.Dataset(
-            {"counts": (["sequence", "time", "bin"],
-                        np.rint(counts.cpu().numpy()).astype(np.int64)),
-             "totals": (["sequence"], np.rint(totals.cpu().numpy()).astype(np.int64)),
-             "bin_edges": (["edge"], edges)},
-            coords={k: v for k, v in obs_coords.items() if k not in ("chain", "draw")},
-            attrs=attrs,
-        ),
+    return az.from_dict(
+        posterior=posterior,
+        posterior_predictive=predictive,
+        log_likelihood={"counts": draws["log_likelihood"]},
+        observed_data={"counts": np.rint(counts.numpy()).astype(np.int64),
+                       "totals": np.rint(counts[:, 0].sum(-1).numpy()).astype(np.int64),
+                       "bin_edges": edges},
+        coords=coords,
+        dims=_DIMS,
+        attrs=dict(attrs),  # from_dict pops created_at: the groups keep their own
+        posterior_attrs=attrs,
+        posterior_predictive_attrs=attrs,
+        log_likelihood_attrs=attrs,
     )
 
 

@@ -8,13 +8,14 @@ import numpy as np
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
 from ._threads import with_auto_threads
 from .data import DataError
 from .guides import LogNormalGuide
 from .inference import NumericalError, _describe_invalid, _is_invalid_values, as_counts
 
-__all__ = ["Forecast", "forecast", "posterior_predictive", "sample_positions"]
+__all__ = ["Forecast", "forecast", "posterior_samples", "sample_positions"]
 
 LEVELS = (0.5, 0.8, 0.95)  # central intervals kept by every forecast
 
@@ -98,15 +99,14 @@ def forecast(
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-    device = getattr(guide, "device", None) or getattr(getattr(guide, "init_loc", None),
-                                                        "device", None)
-    counts = as_counts(data, device=device)
+    counts = as_counts(data, device=_guide_device(guide))
     if counts.shape[-1] != model.n_bins:
         raise DataError(f"counts: expected {model.n_bins} bins (the model's n_bins), found "
                         f"{counts.shape[-1]}")
-    if isinstance(guide, LogNormalGuide) and (guide.n_sequences, guide.n_times) != counts.shape[:2]:
-        raise DataError(f"counts: the guide was fitted to {guide.n_sequences} sequences x "
-                        f"{guide.n_times} snapshots, found {counts.shape[0]} x {counts.shape[1]} "
+    fitted = guide.states()[0].shape[:2] if isinstance(guide, LogNormalGuide) else None
+    if fitted is not None and fitted != counts.shape[:2]:
+        raise DataError(f"counts: the guide was fitted to {fitted[0]} sequences x "
+                        f"{fitted[1]} snapshots, found {counts.shape[0]} x {counts.shape[1]} "
                         "(fit new sequences first: cgpyro.guides.guide_for_new_sequences)")
     totals = counts[:, 0].sum(-1)
     pyro.set_rng_seed(seed)
@@ -120,21 +120,27 @@ def forecast(
             model.fixed[f"transition.drift.{name}"] = value.to(counts)
     try:
         try:
-            out = posterior_predictive(model, guide, num_samples, counts, forecast=int(horizon),
-                                       resample_observed=True)
+            out = posterior_samples(model, guide, counts, num_samples, forecast=int(horizon))
         except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
             if not _is_invalid_values(err):
                 raise
             raise NumericalError(f"forecast: {_describe_invalid(err)}; the trained parameters "
                                  "may have diverged (see the loss history)") from None
-        x, m = _collect(model, out, counts.shape[1], horizon)
+        x, m = out["X"], out["counts"]
+        if horizon:
+            x = torch.cat([x, out["X_forecast"]], -2)
+            m = torch.cat([m, out["counts_forecast"]], -2)
         if horizon and not transition_noise:
-            x = x.clone()
             theta = {name: out[name] for name in model.priors() if name in out}
             theta.update({k: v.to(x) for k, v in model.fixed.items()})
-            prev = x[:, :, counts.shape[1] - 1]
-            for t in range(counts.shape[1], counts.shape[1] + horizon):
-                prev = model.transition_mean(prev, theta, totals)
+            T0 = counts.shape[1]
+            prev = x[:, :, T0 - 1]
+            memory = getattr(model.transition, "order", 1) == 2  # p(X_{t+1} | X_t, X_{t-1})
+            before = x[:, :, max(T0 - 2, 0)]
+            for t in range(T0, T0 + horizon):
+                step = model.transition_mean(prev, theta, totals, before) if memory \
+                    else model.transition_mean(prev, theta, totals)
+                prev, before = step, prev
                 x[:, :, t] = prev
     finally:
         model.fixed.clear()
@@ -159,42 +165,65 @@ def forecast(
     return result
 
 
-def posterior_predictive(model, guide, num_samples: int, *args, **kwargs) -> dict:
-    """Draws of every sample site of ``model`` replayed against ``guide``, vectorized.
+def _guide_device(guide) -> torch.device | None:
+    """Where the guide's q(X) lives (``None``: the default device)."""
+    return guide.states()[0].device if hasattr(guide, "states") else None
 
-    What ``pyro.infer.Predictive(model, guide=guide, parallel=True)`` computes, with the plate
-    nesting known (one plate, ``sequences`` at dim -1; the draws go in a plate at dim -2) instead
-    of guessed: Predictive guesses it by running the model with θ drawn from the *prior*, whose
-    rollout over long sequences can overflow and be blamed on training. Here the model only ever
+
+@torch.no_grad()
+def posterior_samples(model, guide, counts: torch.Tensor, num_samples: int, *,
+                      forecast: int = 0, seed: int | None = None,
+                      log_likelihood: bool = False) -> dict[str, torch.Tensor]:
+    """Posterior draws of the model's latent sites under a fitted guide, vectorized over draws.
+
+    The guide is traced once in a plate of ``num_samples`` draws (dim -2, outside the model's
+    ``sequences`` plate at dim -1) and the model replayed on its trace, with the FG bin counts
+    resampled from p_cf where observed (posterior predictive reconstruction). This is what
+    ``pyro.infer.Predictive(model, guide=guide, parallel=True)`` computes, with the plate
+    nesting known instead of guessed: Predictive guesses it by running the model with θ drawn
+    from the *prior*, whose rollout over long sequences can overflow. Here the model only ever
     sees θ from the guide.
 
-    :returns: site name → tensor ``(num_samples, n_sequences, *event_shape)`` for sites in the
-        sequence plate, ``(num_samples, 1, *event_shape)`` for global sites (θ).
+    :param counts: observed counts ``(n_sequences, n_times, n_bins)``, a float tensor (moved to
+        the device of the guide's q(X); the draws are returned there).
+    :param forecast: coarse steps ``P`` to roll the CG law past the last snapshot.
+    :param seed: Pyro's RNG seed (``None``: continue the current stream).
+    :param log_likelihood: also return the pointwise log-likelihood of the observed counts.
+    :returns: site name -> draws, sample axis first:
+
+        - ``X``, ``counts``: ``(sample, sequence, time, bin)`` (the per-step sites ``X_{t}``,
+          ``counts_{t}`` of an unvectorized model are stacked along ``time``);
+        - ``X_forecast``, ``counts_forecast``: ``(sample, sequence, P, bin)`` if ``forecast``;
+        - each θ site drawn by the guide: ``(sample, 1, *event_shape)``;
+        - ``log_likelihood``: ``(sample, sequence, time)`` ``log p_cf(m_t | X_t)`` of the observed
+          counts, taken from the trace of the model replayed on the same draws with the counts
+          observed.
     """
-    with torch.no_grad(), pyro.plate("_num_predictive_samples", num_samples, dim=-2):
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs)
-    return {name: site["value"] for name, site in model_trace.nodes.items()
-            if site["type"] == "sample"}
-
-
-def _collect(model, out, n_times, horizon):
-    """States and counts ``(sample, sequence, time, bin)`` from Predictive's output."""
-    def squeeze(v):  # Predictive adds a singleton plate axis before the sequence axis
-        return v.reshape(v.shape[0], *v.shape[-3:]) if v.dim() > 4 else v
-
-    if model.vectorized:
-        x, m = squeeze(out["X"]), squeeze(out["counts"])
-    else:
-        x = torch.stack([out[f"X_{t}"].reshape(out[f"X_{t}"].shape[0], -1, model.n_bins)
-                         for t in range(n_times)], -2)
-        m = torch.stack([out[f"counts_{t}"].reshape(x.shape[0], -1, model.n_bins)
-                         for t in range(n_times)], -2)
-    if horizon:
-        x = torch.cat([x, squeeze(out["X_forecast"])], -2)
-        m = torch.cat([m, squeeze(out["counts_forecast"])], -2)
-    return x, m
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    counts = counts.to(device=_guide_device(guide))
+    n_times = counts.shape[1]
+    kwargs = {"forecast": int(forecast), "resample_observed": True}
+    with pyro.plate("_num_predictive_samples", num_samples, dim=-2):
+        guide_trace = poutine.trace(guide).get_trace(counts, **kwargs)
+        replayed = poutine.replay(model, trace=guide_trace)
+        trace = poutine.trace(replayed).get_trace(counts, **kwargs)
+        observed = poutine.trace(replayed).get_trace(counts) if log_likelihood else None
+    out = {name: site["value"] for name, site in trace.nodes.items()
+           if site["type"] == "sample" and not site["is_observed"]
+           and not site_is_subsample(site)}
+    if not model.vectorized:
+        for name in ("X", "counts"):
+            out[name] = torch.stack([out.pop(f"{name}_{t}") for t in range(n_times)], -2)
+    if observed is not None:
+        if model.vectorized:  # one site over (time, bin): its terms before the sum over time
+            site = observed.nodes["counts"]
+            out["log_likelihood"] = site["fn"].base_dist.log_prob(site["value"])
+        else:
+            observed.compute_log_prob(lambda name, site: name.startswith("counts_"))
+            out["log_likelihood"] = torch.stack(
+                [observed.nodes[f"counts_{t}"]["log_prob"] for t in range(n_times)], -1)
+    return out
 
 
 def sample_positions(counts, bin_edges, seed: int = 0) -> np.ndarray:

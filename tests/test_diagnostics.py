@@ -162,3 +162,23 @@ def test_bad_data_and_path(tmp_path):
         save_inference_data(az.InferenceData(), tmp_path / "x.npz")
     with pytest.raises(ValueError, match="no inference data"):
         load_inference_data(tmp_path / "missing.nc")
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_log_likelihood_is_the_multinomial_log_pmf_of_every_draw(vectorized):
+    """Both model layouts against scipy: eq. 17 is Multinomial(N, X / ΣX) plus N log ΣX."""
+    from scipy.stats import multinomial
+
+    data, _ = simulate_dataset(2, 2, 500, 4, seed=3)
+    model = CGModel(4, GaussianTransition(Drift(4, hidden=(), linear_skip=True)),
+                    virtual_observables=[VirtualObservable("mass", mass_conservation)],
+                    vectorized=vectorized)
+    inf = SVIInference(model, steps=3, progress=False).fit(data)
+    idata = to_inference_data(model, inf.guide, data, num_samples=6, horizon=2)
+    x = idata.posterior["X"].values[0]  # (draw, sequence, time, bin)
+    mass = x.sum(-1)
+    totals = data.counts.sum(-1)  # (sequence, time)
+    expected = multinomial.logpmf(data.counts, totals, x / mass[..., None]) + totals * np.log(mass)
+    ll = idata.log_likelihood["counts"].values[0]
+    assert ll.shape == expected.shape == (6, 2, 3)
+    np.testing.assert_allclose(ll, expected, rtol=0, atol=1e-8)

@@ -145,3 +145,29 @@ def test_intervals_at_every_level_are_nested(fitted):
     assert (u50 - l50).mean() < (u95 - l95).mean()
     with pytest.raises(ValueError, match="level must be one of"):
         f.interval(0.9)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_posterior_samples_have_one_layout_for_both_model_forms(vectorized):
+    """Per-step sites of the Markov form are stacked: the same keys and shapes either way."""
+    from cgpyro.model import CGModel
+    from cgpyro.predict import posterior_samples
+    from cgpyro.transitions import Drift, GaussianTransition
+    from cgpyro.virtual import VirtualObservable, mass_conservation
+
+    counts = linear_data(n_seq=3, n_times=4)
+    model = CGModel(B, GaussianTransition(Drift(B, hidden=(), linear_skip=True)),
+                    virtual_observables=[VirtualObservable("mass", mass_conservation)],
+                    vectorized=vectorized)
+    guide = SVIInference(model, steps=2, progress=False).fit(counts).guide
+    out = posterior_samples(model, guide, counts, 7, forecast=2, seed=3, log_likelihood=True)
+    theta = set(guide.theta_map()) - set(model.fixed)
+    assert set(out) == {"X", "counts", "X_forecast", "counts_forecast", "log_likelihood"} | theta
+    assert out["X"].shape == out["counts"].shape == (7, 3, 4, B)
+    assert out["X_forecast"].shape == out["counts_forecast"].shape == (7, 3, 2, B)
+    assert out["log_likelihood"].shape == (7, 3, 4)
+    assert (out["counts"].sum(-1) == counts.sum(-1)).all()  # resampled, N kept
+    assert not torch.equal(out["counts"][0], counts)
+    again = posterior_samples(model, guide, counts, 7, forecast=2, seed=3)
+    assert "log_likelihood" not in again
+    assert all(torch.equal(again[k], out[k]) for k in again)
