@@ -252,9 +252,12 @@ class VirtualObservable(nn.Module):
         return value
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``c(X)``, shape ``(..., M)``."""
+        """``c(X)``, shape ``(..., M)`` for ``x`` of shape ``(..., n_bins)``."""
         c = self.fn(x)
-        assert c.shape[:-1] == x.shape[:-1], (
-            f"constraint {self.name!r} must map (..., n_bins) to (..., M); got {tuple(c.shape)}"
-        )
+        if not torch.is_tensor(c) or c.dim() == 0 or c.shape[:-1] != x.shape[:-1]:
+            found = tuple(c.shape) if torch.is_tensor(c) else type(c).__name__
+            expected = str((*x.shape[:-1], "M")).replace("'", "")
+            raise ValueError(f"virtual observable {self.name!r}: the constraint must map X of "
+                             f"shape (..., n_bins) to (..., M), here {tuple(x.shape)} to "
+                             f"{expected}; it returned {found}")
         return c
