@@ -86,17 +86,22 @@ class BinCounts(TorchDistribution):
 
 
 class MarkovChain(TorchDistribution):
-    r"""Joint density of a first-order Markov chain, vectorized over time.
+    r"""Joint density of a Markov chain of order one or two, vectorized over time.
 
-    ``p(X_{0:T-1}) = p_0(X_0) Π_{t≥1} p(X_t | X_{t-1})`` with event shape ``(n_steps, n_bins)``.
-    With ``start`` given instead of ``init``, the chain is ``X_{1:n}`` continuing from a known
-    ``X_0 = start`` (used for forecasts): ``Π_{t=1}^{n} p(X_t | X_{t-1})``.
+    ``p(X_{0:T-1}) = p_0(X_0) Π_{t≥1} p(X_t | X_{t-1}[, X_{t-2}])`` with event shape
+    ``(n_steps, n_bins)``. With ``order=2`` the step also sees the state before (a memory of the
+    unresolved sub-bin state); the first transition, which has no state before ``X_0``, sees
+    ``X_{-1} = X_0``. With ``start`` given instead of ``init``, the chain is ``X_{1:n}``
+    continuing from known states (used for forecasts): ``Π_{t=1}^{n} p(X_t | X_{t-1}, ...)``.
 
-    :param step: maps ``X_{t-1}`` of shape ``(..., n_bins)`` to the distribution of ``X_t``
-        (event shape ``(n_bins,)``); it must broadcast over leading axes.
+    :param step: ``step(X_{t-1})`` (order 1) or ``step(X_{t-1}, X_{t-2})`` (order 2), each
+        ``(..., n_bins)``, returns the distribution of ``X_t`` (event shape ``(n_bins,)``); it
+        must broadcast over leading axes.
     :param n_steps: number of states in the event.
     :param init: distribution of ``X_0`` (event ``(n_bins,)``), or ``None`` with ``start``.
-    :param start: known state preceding the chain, shape ``(..., n_bins)``.
+    :param start: known states preceding the chain, ``(..., n_bins)`` (the last one) or, for
+        order 2, ``(..., 2, n_bins)`` (the last two, oldest first).
+    :param order: 1 or 2.
     """
 
     arg_constraints = {}
@@ -105,18 +110,24 @@ class MarkovChain(TorchDistribution):
 
     def __init__(
         self,
-        step: Callable[[torch.Tensor], Distribution],
+        step: Callable[..., Distribution],
         n_steps: int,
         init: Distribution | None = None,
         start: torch.Tensor | None = None,
+        order: int = 1,
         validate_args=None,
     ):
         assert (init is None) != (start is None), "MarkovChain takes exactly one of init, start"
-        self.step, self.n_steps, self.init, self.start = step, int(n_steps), init, start
+        assert order in (1, 2), f"order must be 1 or 2, got {order}"
+        self.step, self.n_steps, self.init, self.order = step, int(n_steps), init, order
+        assert start is None or order == 1 or (start.dim() >= 2 and start.shape[-2] == 2), \
+            f"an order-2 chain starts from the last two states (..., 2, n_bins), got {start.shape}"
+        self.start = start
         if init is not None:
             batch_shape, n_bins = init.batch_shape, init.event_shape[-1]
         else:
-            batch_shape, n_bins = start.shape[:-1], start.shape[-1]
+            batch_shape = start.shape[:-2] if order == 2 else start.shape[:-1]
+            n_bins = start.shape[-1]
         super().__init__(
             batch_shape, torch.Size([self.n_steps, n_bins]), validate_args=False
         )
@@ -124,33 +135,49 @@ class MarkovChain(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         if self.init is not None:
-            return MarkovChain(self.step, self.n_steps, init=self.init.expand(batch_shape))
-        start = self.start.expand(batch_shape + self.start.shape[-1:])
-        return MarkovChain(self.step, self.n_steps, start=start)
+            return MarkovChain(self.step, self.n_steps, init=self.init.expand(batch_shape),
+                               order=self.order)
+        event = self.start.shape[-2:] if self.order == 2 else self.start.shape[-1:]
+        start = self.start.expand(batch_shape + event)
+        return MarkovChain(self.step, self.n_steps, start=start, order=self.order)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self.init is not None:
             lp = self.init.log_prob(value[..., 0, :])
-            prev, nxt = value[..., :-1, :], value[..., 1:, :]
+            history = value[..., :1, :].expand(*value.shape[:-2], self.order, value.shape[-1])
+            states = torch.cat([history[..., :-1, :], value], -2)
         else:
             lp = 0.0
-            start = self.start.unsqueeze(-2).expand_as(value[..., :1, :])
-            prev = torch.cat([start, value[..., :-1, :]], -2)
-            nxt = value
-        if nxt.shape[-2] > 0:
+            start = self.start if self.order == 2 else self.start.unsqueeze(-2)
+            states = torch.cat([start.expand(*value.shape[:-2], *start.shape[-2:]), value], -2)
+        # states = [X_{-order+1} .. X_{T-1}] (init) or [start..., X_1 .. X_n]; predict the
+        # ``n_next`` last ones from the ones before.
+        n_next = value.shape[-2] - (1 if self.init is not None else 0)
+        if n_next > 0:
+            T = states.shape[-2]
+            nxt = states[..., T - n_next:, :]
+            prev = states[..., T - n_next - 1:T - 1, :]
             # Time leads, so batch axes of θ (particles, Predictive samples) stay aligned
             # with the batch axes of the states when ``step`` broadcasts them.
-            lp = lp + self.step(prev.movedim(-2, 0)).log_prob(nxt.movedim(-2, 0)).sum(0)
+            args = [prev.movedim(-2, 0)]
+            if self.order == 2:
+                args.append(states[..., T - n_next - 2:T - 2, :].movedim(-2, 0))
+            lp = lp + self.step(*args).log_prob(nxt.movedim(-2, 0)).sum(0)
         return lp
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:  # noqa: B008
+        sample_shape = torch.Size(sample_shape)
         with torch.no_grad():
-            x = self.init.sample(sample_shape) if self.init is not None else None
-            states = [] if x is None else [x]
-            prev = x if x is not None else self.start.expand(
-                torch.Size(sample_shape) + self.start.shape
-            )
+            if self.init is not None:
+                x = self.init.sample(sample_shape)
+                states, history = [x], [x] * self.order
+            else:
+                start = self.start.expand(sample_shape + self.start.shape)
+                states = []
+                history = list(start.unbind(-2)) if self.order == 2 else [start]
             while len(states) < self.n_steps:
-                prev = self.step(prev).sample()
-                states.append(prev)
+                args = [history[-1]] if self.order == 1 else [history[-1], history[-2]]
+                nxt = self.step(*args).sample()
+                states.append(nxt)
+                history.append(nxt)
         return torch.stack(states, -2)

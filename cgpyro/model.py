@@ -107,10 +107,12 @@ class CGModel(PyroModule):
         return dist.LogNormal(loc, self.x0_scale).to_event(1).expand(batch_shape)
 
     def transition_mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
-                        totals: torch.Tensor | None = None) -> torch.Tensor:
-        """``E[X_{t+1} | X_t = x]`` for θ by full site name; ``x`` is ``(..., n_bins)``,
-        ``totals`` the particle totals broadcast against ``x[..., 0]`` (or ``None``)."""
-        return self.transition.mean(x, self._part(theta, "transition."), totals)
+                        totals: torch.Tensor | None = None,
+                        x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``E[X_{t+1} | X_t = x, X_{t-1} = x_prev]`` for θ by full site name; ``x`` is
+        ``(..., n_bins)``, ``totals`` the particle totals broadcast against ``x[..., 0]`` (or
+        ``None``); ``x_prev`` matters only for a second-order transition (memory)."""
+        return self.transition.mean(x, self._part(theta, "transition."), totals, x_prev)
 
     def _part(self, theta, prefix):
         return {k[len(prefix):]: v for k, v in theta.items() if k.startswith(prefix)}
@@ -171,12 +173,14 @@ class CGModel(PyroModule):
                 obs = counts[idx]
             n_tot = totals[idx]
 
-            def step(x):
-                return self.transition(x, trans_theta, n_tot)
+            order = getattr(self.transition, "order", 1)
+
+            def step(x, x_prev=None):
+                return self.transition(x, trans_theta, n_tot, x_prev=x_prev)
 
             if self.vectorized:
                 x0 = self.initial(idx.shape, dtype, device)
-                X = pyro.sample("X", MarkovChain(step, n_times, init=x0))
+                X = pyro.sample("X", MarkovChain(step, n_times, init=x0, order=order))
                 infer = {}
                 if obs is not None and hasattr(self.emission, "expected_log_prob"):
                     infer["expected_log_prob"] = (  # closed form for AnalyticTraceELBO
@@ -189,8 +193,11 @@ class CGModel(PyroModule):
                 self._vo_factors(X, theta, event_dim=2)
             else:
                 states, prev = [], None
-                for t in pyro.markov(range(n_times)):
-                    fn = self.initial(idx.shape, dtype, device) if t == 0 else step(prev)
+                for t in pyro.markov(range(n_times), history=order):
+                    if t == 0:
+                        fn = self.initial(idx.shape, dtype, device)
+                    else:  # an order-2 law sees X_{-1} = X_0 at its first step (MarkovChain)
+                        fn = step(prev, states[-2] if order == 2 and t > 1 else prev)
                     prev = pyro.sample(f"X_{t}", fn)
                     pyro.sample(
                         f"counts_{t}", self.emission(prev, n_tot, emis_theta),
@@ -200,7 +207,13 @@ class CGModel(PyroModule):
                     states.append(prev)
                 X = torch.stack(states, -2)
             if forecast:
-                Xf = pyro.sample("X_forecast", MarkovChain(step, forecast, start=X[..., -1, :]))
+                if order == 2:
+                    start = X[..., -2:, :] if X.shape[-2] >= 2 else X[..., -1:, :].expand(
+                        *X.shape[:-2], 2, X.shape[-1])
+                else:
+                    start = X[..., -1, :]
+                Xf = pyro.sample("X_forecast", MarkovChain(step, forecast, start=start,
+                                                           order=order))
                 pyro.sample(
                     "counts_forecast",
                     self.emission(Xf, n_tot.unsqueeze(-1), emis_theta).to_event(1),

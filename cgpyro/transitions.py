@@ -218,9 +218,16 @@ class GaussianTransition(nn.Module):
         return {"sigma_r": sigma,
                 "noise_tril": torch.linalg.cholesky(cov + self.noise_ridge * eye)}
 
+    @property
+    def order(self) -> int:
+        """2 when the drift has a memory term in use (``p(X_{t+1} | X_t, X_{t-1})``), else 1."""
+        return 2 if getattr(self.drift, "memory_on", False) else 1
+
     def mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
-             totals: torch.Tensor | None = None) -> torch.Tensor:
-        """``E[X_{t+1} | X_t] = X_t + NN(X_t)``, clamped to [-1, 2]; shape of ``x``.
+             totals: torch.Tensor | None = None,
+             x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``E[X_{t+1} | X_t, X_{t-1}] = X_t + NN(X_t, X_{t-1})``, clamped to [-1, 2]; shape of
+        ``x`` ``(..., n_bins)``; ``x_prev`` (``X_{t-1}``) is used by drifts with memory only.
 
         Bin fractions live in [0, 1]; the clamp never binds for a trained drift, but keeps
         rollouts with θ drawn from the prior (e.g. ``Predictive``'s probe of the plate nesting)
@@ -228,14 +235,15 @@ class GaussianTransition(nn.Module):
         """
         drift_theta = {k[len("drift."):]: v for k, v in theta.items() if k.startswith("drift.")}
         if getattr(self.drift, "uses_totals", False):
-            return (x + self.drift(x, drift_theta, totals)).clamp(-1.0, 2.0)
+            return (x + self.drift(x, drift_theta, totals, x_prev=x_prev)).clamp(-1.0, 2.0)
         return (x + self.drift(x, drift_theta)).clamp(-1.0, 2.0)
 
     def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
-                totals: torch.Tensor | None = None) -> dist.Distribution:
-        """``p(X_{t+1} | X_t = x)``; ``totals`` (particles, broadcast against ``x[..., 0]``)
-        feed drifts that use the absolute density (:class:`FluxDrift`)."""
-        mean = self.mean(x, theta, totals)
+                totals: torch.Tensor | None = None,
+                x_prev: torch.Tensor | None = None) -> dist.Distribution:
+        """``p(X_{t+1} | X_t = x[, X_{t-1} = x_prev])``; ``totals`` (particles, broadcast
+        against ``x[..., 0]``) feed drifts that use the absolute density (:class:`FluxDrift`)."""
+        mean = self.mean(x, theta, totals, x_prev)
         sigma = theta["sigma_r"]
         if self.noise == "full":
             scale_tril = sigma[..., None, None] * theta["noise_tril"]
@@ -314,6 +322,14 @@ class FluxDrift(nn.Module):
       the dynamics departs from translation invariance. The linear part and its two scales are
       set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
       jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
+    - memory (optional, ``memory``): ``+ Σ_k c_k ΔX_{j-k} - mean_j(·)`` with
+      ``ΔX = X_t - X_{t-1}`` and ``|k| ≤ memory_radius`` (site ``memory``, under
+      ``N(0, memory_scale)``, held by empirical Bayes like the jumps): the bin fractions alone
+      do not carry the sub-bin state, so their exact CG law is not Markov (Mori-Zwanzig); the
+      last increment tells where the mass sits inside the bins (second-order chain, see
+      :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` switches it on only where
+      rollouts of held-out training sequences (leave-one-out over up to 5 folds) improve with
+      it: one sequence gives no held-out check and keeps the first-order law;
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
       ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, so that
@@ -335,6 +351,8 @@ class FluxDrift(nn.Module):
         activation: str = "tanh",
         weight_prior_scale: float = 1.0,
         hyper_prior_scale: float = 1.0,
+        memory: bool | str = False,
+        memory_radius: int = 1,
     ):
         super().__init__()
         B = int(n_bins)
@@ -360,6 +378,16 @@ class FluxDrift(nn.Module):
                             ("hyper_prior_scale", hyper_prior_scale)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if memory not in (True, False, "auto"):
+            raise ValueError(f"memory must be true, false or 'auto', got {memory!r}")
+        if isinstance(memory_radius, bool) or not isinstance(memory_radius, int) \
+                or not 0 <= memory_radius <= (B - 1) // 2:
+            raise ValueError(f"memory_radius must be an integer in [0, (n_bins-1)//2 = "
+                             f"{(B - 1) // 2}], got {memory_radius!r}")
+        self.memory = memory
+        self.memory_radius = memory_radius if memory else 0
+        self.memory_on = memory is True  # "auto": decided by initial_fit
+        self.memory_margin = 0.01
         self.n_bins, self.radius, self.correction_radius = B, radius, correction_radius
         self.channels, self.kernel, self.activation = tuple(int(c) for c in channels), kernel, \
             activation
@@ -380,6 +408,8 @@ class FluxDrift(nn.Module):
         shapes = {"jumps": torch.Size([2 * self.radius])}
         if self.correction_radius:
             shapes["delta"] = torch.Size([self.n_bins, 2 * self.correction_radius])
+        if self.memory:
+            shapes["memory"] = torch.Size([2 * self.memory_radius + 1])
         sizes = (2, *self.channels, 1) if self.channels else ()
         for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             shapes[f"flux.{k}.weight"] = torch.Size([o, i, self.kernel])
@@ -391,6 +421,8 @@ class FluxDrift(nn.Module):
         names = ["jump_scale", "jumps"]
         if self.correction_radius:
             names += ["correction_scale", "delta"]
+        if self.memory:
+            names += ["memory_scale", "memory"]
         return names
 
     def priors(self, dtype=torch.float64, device=None) -> dict:
@@ -409,6 +441,10 @@ class FluxDrift(nn.Module):
             priors["correction_scale"] = hyper
             priors["delta"] = Hierarchical(normal(shapes["delta"]), ("correction_scale",),
                                            constraints.real, shapes["delta"])
+        if self.memory:
+            priors["memory_scale"] = hyper
+            priors["memory"] = Hierarchical(normal(shapes["memory"]), ("memory_scale",),
+                                            constraints.real, shapes["memory"])
         for name, shape in shapes.items():
             if name.startswith("flux."):
                 priors[name] = dist.Normal(zero, self.weight_prior_scale).expand(shape) \
@@ -421,6 +457,9 @@ class FluxDrift(nn.Module):
         if self.correction_radius:
             values["correction_scale"] = torch.tensor(0.01, dtype=dtype)
             values["delta"] = torch.zeros(self.n_bins, 2 * self.correction_radius, dtype=dtype)
+        if self.memory:
+            values["memory_scale"] = torch.tensor(0.01, dtype=dtype)
+            values["memory"] = torch.zeros(2 * self.memory_radius + 1, dtype=dtype)
         shapes = self.shapes()
         n_layers = len(self.channels) + 1 if self.channels else 0
         for k in range(n_layers):
@@ -433,8 +472,17 @@ class FluxDrift(nn.Module):
         return values
 
     # -- evaluation ----------------------------------------------------------------------
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
-        """Regressors of the linear part: ``(..., B, P)`` with ``P = 2·radius + B·2·c``."""
+    def _memory_window(self, dx: torch.Tensor) -> torch.Tensor:
+        """``ΔX_{j-k}`` for ``|k| ≤ memory_radius``, centred over bins: ``(..., B, 2r+1)``."""
+        B, r = self.n_bins, self.memory_radius
+        j = torch.arange(B, device=dx.device)
+        k = torch.arange(-r, r + 1, device=dx.device)
+        win = dx[..., (j[:, None] - k) % B]
+        return win - win.mean(-2, keepdim=True)  # the memory term moves no mass
+
+    def _features(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> torch.Tensor:
+        """Regressors of the linear part: ``(..., B, P)`` with ``P = 2·radius + B·2·c``
+        (``+ 2·memory_radius + 1`` memory regressors of ``dx = X_t - X_{t-1}`` when given)."""
         B = self.n_bins
         j = torch.arange(B, device=x.device)
         feats = [x[..., (j[:, None] - self.offsets.to(x.device)) % B] - x[..., :, None]]
@@ -446,6 +494,8 @@ class FluxDrift(nn.Module):
                 out[..., j, j, c] -= x
                 out[..., (j + k) % B, j, c] += x
             feats.append(out.reshape(*x.shape, B * len(ks)))
+        if dx is not None:
+            feats.append(self._memory_window(dx))
         return torch.cat(feats, -1)
 
     def linear(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -487,8 +537,14 @@ class FluxDrift(nn.Module):
         return h.squeeze(-2)
 
     def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
-                totals: torch.Tensor | None = None) -> torch.Tensor:
+                totals: torch.Tensor | None = None,
+                x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` (memory term;
+        ``None``: no earlier state, no memory)."""
         out = self.linear(x, theta)
+        if self.memory_on and x_prev is not None:
+            c = theta["memory"].unsqueeze(-2)  # (..., 1, 2r+1)
+            out = out + (self._memory_window(x - x_prev) * c).sum(-1)
         if self.channels:
             F_ = self.face_flux(x, theta, totals)
             out = out - (F_ - F_.roll(1, -1)) / self.n_bins
@@ -503,62 +559,110 @@ class FluxDrift(nn.Module):
         """Empirical Bayes for the linear part on pairs of empirical fractions.
 
         Bayesian linear regression of ``m_{t+1}/N - m_t/N`` on the jump features with priors
-        ``N(0, jump_scale²)`` (jumps) and ``N(0, correction_scale²)`` (δ), Gaussian residuals;
-        the two scales and the residual variance maximise the log evidence (L-BFGS on its
-        closed form, weights integrated out), the weights are their posterior mean. Returns
-        values of ``jump_scale, jumps, correction_scale, delta`` (relative names).
+        ``N(0, jump_scale²)`` (jumps), ``N(0, correction_scale²)`` (δ) and
+        ``N(0, memory_scale²)`` (memory, regressors ``m_t/N - m_{t-1}/N``), Gaussian residuals;
+        the scales and the residual variance maximise the log evidence (L-BFGS on its closed
+        form, weights integrated out), the weights are their posterior mean. Returns values of
+        the :meth:`held_sites` (relative names). With ``memory="auto"`` it first decides
+        whether the memory term is used (``memory_on``; see the class docstring).
 
         :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
         :param max_pairs: at most this many (evenly spread) pairs of snapshots are used.
         """
         frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
-        x = frac[:, :-1].reshape(-1, self.n_bins)
-        y = (frac[:, 1:] - frac[:, :-1]).reshape(-1, self.n_bins)
+        if self.memory == "auto":
+            self.memory_on = bool(frac.shape[0] >= 2 and frac.shape[1] >= 3
+                                  and self._memory_helps(frac, max_pairs))
+        elif self.memory:
+            self.memory_on = frac.shape[1] >= 3
+        values, self.posterior = self._fit_linear(frac, self.memory_on, max_pairs)
+        return values
+
+    def _fit_linear(self, frac, memory: bool, max_pairs: int):
+        B = self.n_bins
+        if memory:  # pairs from t = 1 on, with the increment before them
+            x, dx = frac[:, 1:-1].reshape(-1, B), (frac[:, 1:-1] - frac[:, :-2]).reshape(-1, B)
+            y = (frac[:, 2:] - frac[:, 1:-1]).reshape(-1, B)
+        else:
+            x, dx = frac[:, :-1].reshape(-1, B), None
+            y = (frac[:, 1:] - frac[:, :-1]).reshape(-1, B)
         if x.shape[0] > max_pairs:  # evenly spread pairs: plenty for the few hundred weights
             keep = torch.linspace(0, x.shape[0] - 1, max_pairs).round().long()
             x, y = x[keep], y[keep]
-        P = self._n_linear()
+            dx = None if dx is None else dx[keep]
+        groups = [0] * (2 * self.radius) + [1] * (B * 2 * self.correction_radius)
+        if memory:
+            groups += [2] * (2 * self.memory_radius + 1)
+        P = len(groups)
         G = torch.zeros(P, P, dtype=torch.float64)
         r = torch.zeros(P, dtype=torch.float64)
-        chunk = max(1, 2**22 // (self.n_bins * P))  # Gram statistics in bounded memory
+        chunk = max(1, 2**22 // (B * P))  # Gram statistics in bounded memory
         with torch.no_grad():
             for i in range(0, x.shape[0], chunk):
-                Phi = self._features(x[i:i + chunk]).reshape(-1, P)
+                Phi = self._features(x[i:i + chunk], None if dx is None else dx[i:i + chunk])
+                Phi = Phi.reshape(-1, P)
                 G += Phi.T @ Phi
                 r += Phi.T @ y[i:i + chunk].reshape(-1)
-        return self._evidence_fit(G, r, y.pow(2).sum(), y.numel())
+        return self._evidence_fit(G, r, y.pow(2).sum(), y.numel(), torch.tensor(groups))
+
+    def _memory_helps(self, frac, max_pairs: int, max_folds: int = 5) -> bool:
+        """Leave-one-out over up to ``max_folds`` folds of sequences: do rollouts of the
+        held-out sequences from their first two snapshots get closer (L1) with memory?"""
+        n = frac.shape[0]
+        k = min(n, max_folds)
+        errors = {False: 0.0, True: 0.0}
+        for fold in range(k):
+            held = torch.arange(fold, n, k)
+            kept = torch.tensor([i for i in range(n) if i % k != fold])
+            for memory in (False, True):
+                values, _ = self._fit_linear(frac[kept], memory, max_pairs)
+                x_prev, x = frac[held, 0], frac[held, 1]
+                err = 0.0
+                with torch.no_grad():
+                    for t in range(2, frac.shape[1]):
+                        nxt = x + self.linear(x, values)
+                        if memory:
+                            c = values["memory"]
+                            nxt = nxt + (self._memory_window(x - x_prev) * c).sum(-1)
+                        x_prev, x = x, nxt
+                        err += (x - frac[held, t]).abs().sum().item()
+                errors[memory] += err
+        self.memory_cv = errors  # for diagnostics: summed held-out L1 errors without/with
+        return errors[True] < (1 - self.memory_margin) * errors[False]
 
     def sample_linear(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """Draws of ``jumps`` ``(S, 1, 2·radius)`` and ``delta`` ``(S, 1, B, 2c)`` from the
-        empirical-Bayes Gaussian posterior of the last :meth:`initial_fit` (``S`` =
-        ``num_samples``; the singleton axis broadcasts over sequences)."""
+        """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)`` and (memory on)
+        ``memory`` ``(S, 1, 2·memory_radius + 1)`` from the empirical-Bayes Gaussian posterior
+        of the last :meth:`initial_fit` (``S`` = ``num_samples``; the singleton axis broadcasts
+        over sequences)."""
         if getattr(self, "posterior", None) is None:
             raise ValueError("sample_linear needs initial_fit() first (fit the model)")
         m, L = self.posterior
         eps = torch.randn(num_samples, m.shape[0], dtype=m.dtype)
         w = (m + eps @ L.T).unsqueeze(1)
-        nj = 2 * self.radius
+        nj, nd = 2 * self.radius, self.n_bins * 2 * self.correction_radius
         out = {"jumps": w[..., :nj]}
         if self.correction_radius:
-            out["delta"] = w[..., nj:].reshape(num_samples, 1, self.n_bins,
-                                               2 * self.correction_radius)
+            out["delta"] = w[..., nj:nj + nd].reshape(num_samples, 1, self.n_bins,
+                                                      2 * self.correction_radius)
+        if self.memory_on:
+            out["memory"] = w[..., nj + nd:]
         return out
 
-    def _n_linear(self) -> int:
-        return 2 * self.radius + self.n_bins * 2 * self.correction_radius
-
-    def _evidence_fit(self, G, r, yy, n_obs) -> dict[str, torch.Tensor]:
-        P, nj = G.shape[0], 2 * self.radius
-        group = torch.zeros(P, dtype=torch.bool)
-        group[nj:] = True  # δ entries
+    def _evidence_fit(self, G, r, yy, n_obs, groups):
+        """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
+        1 δ, 2 memory) and the noise precision maximise the evidence; returns the values of
+        :meth:`held_sites` and the Gaussian posterior ``(mean, Cholesky factor of cov)``."""
+        n_groups = int(groups.max()) + 1
         scale = G.diagonal().mean().clamp_min(1e-300)
-        # log τ_j, log τ_δ (prior precisions relative to the Gram scale), log β (noise precision)
-        log_h = torch.tensor([0.0, 0.0, math.log(n_obs / max(yy.item(), 1e-300))],
-                             dtype=torch.float64, requires_grad=True)
+        # log τ_g (prior precisions relative to the Gram scale), log β (noise precision)
+        log_h = torch.zeros(n_groups + 1, dtype=torch.float64)
+        log_h[-1] = math.log(n_obs / max(yy.item(), 1e-300))
+        log_h.requires_grad_(True)
 
         def neg_evidence():
-            a_j, a_d, beta = (log_h[0].exp() * scale, log_h[1].exp() * scale, log_h[2].exp())
-            alpha = torch.where(group, a_d, a_j)
+            alpha = (log_h[:-1].exp() * scale)[groups]
+            beta = log_h[-1].exp()
             H = torch.diag(alpha) + beta * G
             L = _robust_cholesky(H)
             m = beta * torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
@@ -590,11 +694,18 @@ class FluxDrift(nn.Module):
                 _, m, alpha = neg_evidence()
             # Gaussian posterior of the linear part (exact given the scales): for forecasts
             # with epistemic uncertainty (:meth:`sample_linear`).
-            H = torch.diag(alpha) + log_h[2].exp() * G
+            H = torch.diag(alpha) + log_h[-1].exp() * G
             cov = torch.cholesky_inverse(_robust_cholesky(H))
-            self.posterior = (m.clone(), _robust_cholesky(0.5 * (cov + cov.T)))
+            posterior = (m.clone(), _robust_cholesky(0.5 * (cov + cov.T)))
+        nj, nd = 2 * self.radius, self.n_bins * 2 * self.correction_radius
         values = {"jump_scale": alpha[0].rsqrt(), "jumps": m[:nj].clone()}
         if self.correction_radius:
-            values["correction_scale"] = alpha[-1].rsqrt()
-            values["delta"] = m[nj:].reshape(self.n_bins, 2 * self.correction_radius).clone()
-        return values
+            values["correction_scale"] = alpha[nj].rsqrt()
+            values["delta"] = m[nj:nj + nd].reshape(self.n_bins, 2 * self.correction_radius).clone()
+        if self.memory:
+            on = m.shape[0] > nj + nd
+            values["memory_scale"] = alpha[-1].rsqrt() if on else torch.tensor(1e-12,
+                                                                               dtype=m.dtype)
+            values["memory"] = m[nj + nd:].clone() if on else torch.zeros(
+                2 * self.memory_radius + 1, dtype=m.dtype)
+        return values, posterior

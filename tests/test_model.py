@@ -176,3 +176,57 @@ def test_fixed_parameter_removes_its_site():
     assert guide.theta_map()["transition.sigma_r"].item() == pytest.approx(0.01)
     with pytest.raises(ValueError, match="not a parameter site"):
         model.fix("nope", 1.0)
+
+
+def test_second_order_chain_matches_an_explicit_sum_and_the_markov_loop():
+    """``MarkovChain(order=2)``: ``log p = log p0(X_0) + Σ_t log p(X_t | X_{t-1}, X_{t-2})`` with
+    ``X_{-1} = X_0``, from ``init`` or from two known ``start`` states."""
+    import pyro.distributions as dist
+
+    def step(x, before):
+        return dist.Normal(x + 0.3 * (x - before), 0.1).to_event(1)
+
+    init = dist.Normal(torch.zeros(3, B, dtype=torch.float64), 1.0).to_event(1)
+    v = torch.rand(3, 4, B, dtype=torch.float64)
+    expected = init.log_prob(v[:, 0]) + step(v[:, 0], v[:, 0]).log_prob(v[:, 1]) \
+        + step(v[:, 1], v[:, 0]).log_prob(v[:, 2]) + step(v[:, 2], v[:, 1]).log_prob(v[:, 3])
+    assert torch.allclose(MarkovChain(step, 4, init=init, order=2).log_prob(v), expected)
+    chain = MarkovChain(step, 2, start=v[:, :2], order=2)
+    expected = step(v[:, 1], v[:, 0]).log_prob(v[:, 2]) + step(v[:, 2], v[:, 1]).log_prob(v[:, 3])
+    assert torch.allclose(chain.log_prob(v[:, 2:]), expected)
+    assert chain.sample((5,)).shape == (5, 3, 2, B)
+    # a first-order chain differs on the same states (the check above could fail)
+    first = MarkovChain(lambda x: step(x, x), 4, init=init)
+    assert not torch.allclose(first.log_prob(v), MarkovChain(step, 4, init=init, order=2)
+                              .log_prob(v))
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_memory_model_forms_have_the_same_joint_density(vectorized):
+    from cgpyro.transitions import FluxDrift
+
+    def model(vec):
+        drift = FluxDrift(B + 3, radius=2, correction_radius=0, memory=True)
+        drift.memory_on = True
+        return CGModel(B + 3, GaussianTransition(drift), vectorized=vec)
+
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(2, 5, B + 3, generator=g, dtype=torch.float64) + 0.5
+    counts = torch.distributions.Multinomial(1000, p / p.sum(-1, keepdim=True)).sample().double()
+    x = (counts + 1) / (counts + 1).sum(-1, keepdim=True)
+    theta = model(True).init_values(g)
+    theta["transition.drift.memory"] = torch.tensor([0.1, -0.3, 0.05], dtype=torch.float64)
+    theta["transition.drift.jumps"] = torch.tensor([0.01, 0.1, 0.05, 0.0], dtype=torch.float64)
+
+    def log_joint(m):
+        data = dict(theta)
+        if m.vectorized:
+            data["X"] = x
+        else:
+            data.update({f"X_{t}": x[:, t] for t in range(x.shape[1])})
+        return poutine.trace(poutine.condition(m, data=data)).get_trace(counts).log_prob_sum()
+
+    assert torch.allclose(log_joint(model(True)), log_joint(model(vectorized)), rtol=1e-12)
+    # memory matters for the density (the equality above is not trivially true)
+    theta["transition.drift.memory"] = torch.zeros(3, dtype=torch.float64)
+    assert not torch.allclose(log_joint(model(True)), log_joint(model(vectorized)) + 1.0)
