@@ -328,8 +328,8 @@ class FluxDrift(nn.Module):
       do not carry the sub-bin state, so their exact CG law is not Markov (Mori-Zwanzig); the
       last increment tells where the mass sits inside the bins (second-order chain, see
       :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` switches it on only where
-      rollouts of held-out training sequences (leave-one-out over up to 5 folds) improve with
-      it: one sequence gives no held-out check and keeps the first-order law;
+      rollouts of held-out training sequences (cross-validation over up to 5 folds, one
+      standard error rule) improve with it: one sequence keeps the first-order law;
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
       ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, so that
@@ -387,7 +387,6 @@ class FluxDrift(nn.Module):
         self.memory = memory
         self.memory_radius = memory_radius if memory else 0
         self.memory_on = memory is True  # "auto": decided by initial_fit
-        self.memory_margin = 0.01
         self.n_bins, self.radius, self.correction_radius = B, radius, correction_radius
         self.channels, self.kernel, self.activation = tuple(int(c) for c in channels), kernel, \
             activation
@@ -606,18 +605,20 @@ class FluxDrift(nn.Module):
         return self._evidence_fit(G, r, y.pow(2).sum(), y.numel(), torch.tensor(groups))
 
     def _memory_helps(self, frac, max_pairs: int, max_folds: int = 5) -> bool:
-        """Leave-one-out over up to ``max_folds`` folds of sequences: do rollouts of the
-        held-out sequences from their first two snapshots get closer (L1) with memory?"""
+        """Cross-validation with the one-standard-error rule: fit with and without memory on all
+        but one of up to ``max_folds`` folds of sequences, roll the held-out sequences out from
+        their first two snapshots, and keep memory only if it lowers their L1 error by more
+        than one standard error of the paired per-sequence differences (the simpler law wins
+        ties and noise)."""
         n = frac.shape[0]
         k = min(n, max_folds)
-        errors = {False: 0.0, True: 0.0}
+        diff = torch.zeros(n, dtype=torch.float64)  # per sequence: error with - without
         for fold in range(k):
             held = torch.arange(fold, n, k)
             kept = torch.tensor([i for i in range(n) if i % k != fold])
-            for memory in (False, True):
+            for memory, sign in ((False, -1.0), (True, 1.0)):
                 values, _ = self._fit_linear(frac[kept], memory, max_pairs)
                 x_prev, x = frac[held, 0], frac[held, 1]
-                err = 0.0
                 with torch.no_grad():
                     for t in range(2, frac.shape[1]):
                         nxt = x + self.linear(x, values)
@@ -625,10 +626,10 @@ class FluxDrift(nn.Module):
                             c = values["memory"]
                             nxt = nxt + (self._memory_window(x - x_prev) * c).sum(-1)
                         x_prev, x = x, nxt
-                        err += (x - frac[held, t]).abs().sum().item()
-                errors[memory] += err
-        self.memory_cv = errors  # for diagnostics: summed held-out L1 errors without/with
-        return errors[True] < (1 - self.memory_margin) * errors[False]
+                        diff[held] += sign * (x - frac[held, t]).abs().sum(-1)
+        self.memory_cv = diff  # for diagnostics
+        se = diff.std() / math.sqrt(n) if n > 1 else torch.tensor(0.0)
+        return bool(diff.mean() + se < 0)
 
     def sample_linear(self, num_samples: int) -> dict[str, torch.Tensor]:
         """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)`` and (memory on)

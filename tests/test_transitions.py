@@ -247,8 +247,8 @@ def test_memory_term_conserves_mass_and_commutes_with_shifts():
 def test_empirical_bayes_learns_a_known_memory_and_auto_switches_it():
     """On data of a second-order law, ``memory='auto'`` turns the term on and its rollouts of
     unseen paths are far closer than the first-order fit's (measured 0.05-0.10x over seeds
-    0-2; bound 0.5x). On first-order data of the same stencil held-out rollouts change by
-    < 1 % and auto leaves it off."""
+    0-2; bound 0.5x). On first-order data held-out rollouts do not improve by more than their
+    standard error and auto leaves it off."""
     counts = second_order_counts(8)
     unseen = second_order_paths(4, T=20, offset=8)
     drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
@@ -259,11 +259,18 @@ def test_empirical_bayes_learns_a_known_memory_and_auto_switches_it():
     first_values = first.initial_fit(counts)
     assert rollout_error(drift, values, unseen) < 0.5 * rollout_error(first, first_values, unseen)
 
-    first_order = second_order_counts(8, memory=torch.zeros(3, dtype=torch.float64), seed=1)
+    # First-order data of the same stencil: the one-standard-error rule keeps the simpler law
+    # (off for seeds 1-5), and the law it keeps forecasts unseen paths as well as the
+    # first-order fit (within 2 %).
+    zero = torch.zeros(3, dtype=torch.float64)
+    first_order = second_order_counts(8, memory=zero, seed=1)
+    unseen = second_order_paths(4, memory=zero, T=20, offset=8)
+    auto = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
+    values = auto.initial_fit(first_order)
+    first_values = first.initial_fit(first_order)
+    assert not auto.memory_on
+    assert rollout_error(auto, values, unseen) < 1.02 * rollout_error(first, first_values, unseen)
     drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
-    values = drift.initial_fit(first_order)
-    assert not drift.memory_on
-    assert values["memory"].abs().max() == 0 and "memory" not in drift.sample_linear(2)
     # one sequence: no held-out rollout to judge by, the first-order law is kept
     drift.initial_fit(counts[:1])
     assert not drift.memory_on
