@@ -36,6 +36,7 @@ _EXPORTS = {
     # model, guides, inference, prediction
     "CGModel": "model",
     "AmortizedGuide": "guides",
+    "CGGuide": "guides",
     "LogNormalGuide": "guides",
     "auto_guide": "guides",
     "guide_for_new_sequences": "guides",
@@ -59,7 +60,7 @@ _SUBMODULES = {"cli", "curve", "data", "datasets", "diagnostics", "exclusion", "
                "specs", "systems"}
 
 __all__ = [  # a literal list, so that linters see the names the TYPE_CHECKING block binds
-    "AmortizedGuide", "CGModel", "CheckpointError", "DataError", "Dataset", "Forecast",
+    "AmortizedGuide", "CGGuide", "CGModel", "CheckpointError", "DataError", "Dataset", "Forecast",
     "LogNormalGuide", "NumericalError", "ParticleSystem", "Run", "RunError", "RunLockedError",
     "SVIInference", "SpecError",
     "auto_guide", "forecast", "guide_for_new_sequences", "list_specs", "load", "load_guide",
@@ -107,7 +108,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the eager form
     from .checkpoint import CheckpointError
     from .data import DataError, Dataset, load, save
     from .diagnostics import to_inference_data
-    from .guides import AmortizedGuide, LogNormalGuide, auto_guide, guide_for_new_sequences
+    from .guides import AmortizedGuide, CGGuide, LogNormalGuide, auto_guide, guide_for_new_sequences
     from .inference import NumericalError, SVIInference
     from .model import CGModel
     from .predict import Forecast, forecast

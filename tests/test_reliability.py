@@ -659,7 +659,7 @@ class _PoisonAt(SVIInference):
         def poison(step, loss, inf):
             if step == self.at:
                 with torch.no_grad():
-                    next(iter(pyro.get_param_store()._params.values())).fill_(float("nan"))
+                    next(iter(pyro.get_param_store().named_parameters()))[1].fill_(float("nan"))
 
         self.callbacks.insert(0, poison)
 
