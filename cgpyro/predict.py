@@ -75,7 +75,7 @@ def forecast(
     seed: int = 0,
     keep_samples: bool = False,
     transition_noise: bool = False,
-    epistemic: bool = False,
+    epistemic: bool | None = None,
 ) -> Forecast:
     """Sample ``q(X_{0:T})``, roll the CG law ``horizon`` steps, and sample p_cf (Algorithm 1).
 
@@ -91,6 +91,10 @@ def forecast(
     :param data: counts ``(n_sequences, n_times, n_bins)`` (Dataset, array or tensor).
     :param horizon: coarse steps to forecast past the last snapshot (``>= 0``).
     :param num_samples: posterior samples.
+    :param epistemic: draw the linear part of the drift (jumps, δ, memory) from its
+        empirical-Bayes posterior, one draw per sample, so that the bands include the
+        uncertainty of θ (wide with one training sequence, negligible with many). ``None``
+        (default): whenever the drift has such a posterior (``drift = "flux"``).
     """
     if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer) or horizon < 0:
         raise ValueError(f"horizon must be a non-negative integer, got {horizon!r}")
@@ -112,6 +116,8 @@ def forecast(
     pyro.set_rng_seed(seed)
     saved = dict(model.fixed)
     drift = getattr(model.transition, "drift", None)
+    if epistemic is None:  # with one sequence a point estimate of θ makes the bands too narrow
+        epistemic = getattr(drift, "posterior", None) is not None
     if epistemic:
         if not hasattr(drift, "sample_linear"):
             raise ValueError("epistemic=True needs a drift with a Gaussian posterior of its "

@@ -124,7 +124,10 @@ def test_epistemic_bands_widen_with_fewer_training_sequences():
         assert model.fixed.keys() == fixed.keys()  # the draws were temporary
         assert all(torch.equal(model.fixed[k], fixed[k]) for k in fixed)
         plain = forecast(model, inference.guide, counts[:n], 10, num_samples=100,
-                         keep_samples=True)
+                         keep_samples=True, epistemic=False)
+        default = forecast(model, inference.guide, counts[:n], 10, num_samples=100,
+                           keep_samples=True)  # epistemic whenever the drift has a posterior
+        assert np.array_equal(default.samples_x, f.samples_x)
         spread[n] = (f.samples_x[:, :, -1].std(0).mean(), plain.samples_x[:, :, -1].std(0).mean())
     assert spread[1][0] > 1.5 * spread[1][1]  # θ uncertainty dominates with one sequence
     assert spread[1][0] > 1.5 * spread[32][0]
