@@ -290,10 +290,10 @@ def _check_payload(p: dict) -> str | None:
                 and all(isinstance(g, dict) and isinstance(g.get("params"), list)
                         for g in state["param_groups"])):
             return f"optimizer state of {name!r} is not a torch optimizer state"
-        for slot in state["state"].values():
+        for slot in state["state"].values():  # SparseAdam counts its steps in a Python int
             if not isinstance(slot, dict) or not all(
                     isinstance(v, torch.Tensor) and (v.dim() == 0 or v.shape == params[name].shape)
-                    for v in slot.values()):
+                    or _is_int(v) and v >= 0 for v in slot.values()):
                 return f"optimizer state of {name!r} does not match the parameter's shape"
     history = p["loss_history"]
     if not isinstance(history, list) or not all(

@@ -16,7 +16,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
-from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.autoguide.utils import deep_setattr
@@ -193,23 +192,53 @@ class _Guide(PyroModule):
         return out
 
 
+class _GatherRows(torch.autograd.Function):
+    """``weight[idx]`` whose gradient is a sparse COO tensor of the rows ``idx`` only (what
+    ``embedding(..., sparse=True)`` gives a 2-D weight, for a weight of any shape): the
+    backward pass of a minibatch never touches the other rows."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        ctx.weight_shape = weight.shape
+        return weight[idx]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (idx,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(idx.unsqueeze(0), grad, ctx.weight_shape,
+                                       check_invariants=False), None
+
+
 class _LogNormalStates(PyroModule):
-    """``X ~ LogNormal(X_loc, X_scale)`` per sequence, time and bin, in the sequence plate."""
+    """``X ~ LogNormal(X_loc, exp(X_log_scale))`` per sequence, time and bin, in the sequence
+    plate.
+
+    Both parameters are unconstrained, so that a minibatch step costs O(batch): only the
+    batch's rows are gathered and exponentiated, and their gradients are sparse (the rows of
+    the batch), to be stepped by a sparse optimizer (``torch.optim.SparseAdam``, as
+    :class:`~cgpyro.inference.SVIInference` does). A step over all sequences is dense.
+    """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, vectorized: bool):
         super().__init__()
         self.X_loc = PyroParam(loc)
-        self.X_scale = PyroParam(scale, constraints.positive)
+        self.X_log_scale = PyroParam(scale.log())
         self.vectorized = vectorized
 
     def forward(self, subsample_size=None) -> None:
-        loc, scale = self.X_loc, self.X_scale
-        with pyro.plate("sequences", loc.shape[0], subsample_size=subsample_size, dim=-1) as idx:
+        loc, log_scale = self.X_loc, self.X_log_scale
+        n = loc.shape[0]
+        with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
+            if len(idx) < n:
+                loc, scale = _GatherRows.apply(loc, idx), _GatherRows.apply(log_scale, idx).exp()
+            else:
+                loc, scale = loc[idx], log_scale.exp()[idx]
             if self.vectorized:
-                pyro.sample("X", dist.LogNormal(loc[idx], scale[idx]).to_event(2))
+                pyro.sample("X", dist.LogNormal(loc, scale).to_event(2))
             else:
                 for t in pyro.markov(range(loc.shape[1])):
-                    pyro.sample(f"X_{t}", dist.LogNormal(loc[idx, t], scale[idx, t]).to_event(1))
+                    pyro.sample(f"X_{t}", dist.LogNormal(loc[:, t], scale[:, t]).to_event(1))
 
 
 class LogNormalGuide(_Guide):
@@ -217,8 +246,8 @@ class LogNormalGuide(_Guide):
 
     ``q(X, θ) = Π_i Π_t Π_j LogNormal(X_{i,t,j} | μ_{i,t,j}, s_{i,t,j}) · δ(θ - θ_MAP)``
 
-    Parameters: ``{prefix}.X_loc`` and ``{prefix}.X_scale`` of shape
-    ``(n_sequences, n_times, n_bins)``, and ``theta.{site}`` (the :class:`ThetaMAP` part) for
+    Parameters: ``{prefix}.X_loc`` and ``{prefix}.X_log_scale`` (the log of the scale) of
+    shape ``(n_sequences, n_times, n_bins)``, and ``theta.{site}`` (the :class:`ThetaMAP` part) for
     every unfixed parameter site of the model. With ``theta_values`` θ is fixed (no θ
     parameters), which is how new sequences are fitted.
 
@@ -246,11 +275,11 @@ class LogNormalGuide(_Guide):
     @init_scale.setter
     def init_scale(self, value: torch.Tensor) -> None:
         self._init_scale = value
-        self._states.X_scale = PyroParam(value, constraints.positive)
+        self._states.X_log_scale = PyroParam(value.log())
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``."""
-        return self._states.X_loc.detach(), self._states.X_scale.detach()
+        return self._states.X_loc.detach(), self._states.X_log_scale.detach().exp()
 
     def forward(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
                 resample_observed=False) -> None:

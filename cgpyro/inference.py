@@ -78,14 +78,27 @@ def _guide_parameters(guide) -> dict[str, torch.Tensor]:
 
 
 # Names of checkpoints written before guides were PyroModules (cgpyro <= 0.x): pyro.module's
-# "{prefix}$$${name}" and the AutoGuideList parts "CGAutoGuide.{i}." of the autoguide states.
-_OLD_NAMES = ((re.compile(r"\$\$\$"), "."), (re.compile(r"^CGAutoGuide\.\d+\."), "q."))
+# "{prefix}$$${name}" and the AutoGuideList parts "CGAutoGuide.{i}." of the autoguide states;
+# and the lognormal scale, once a positive PyroParam "X_scale" whose unconstrained value was
+# already its log.
+_OLD_NAMES = ((re.compile(r"\$\$\$"), "."), (re.compile(r"^CGAutoGuide\.\d+\."), "q."),
+              (re.compile(r"\.X_scale$"), ".X_log_scale"))
 
 
 def _current_name(name: str) -> str:
     for pattern, new in _OLD_NAMES:
         name = pattern.sub(new, name)
     return name
+
+
+def _adam(params, **kwargs) -> torch.optim.Optimizer:
+    """``Adam``, or ``SparseAdam`` for a parameter whose gradient is sparse: the lazy Adam of
+    minibatch SVI, which updates (values and moments) only the rows of the batch, so a step
+    costs O(batch) and rows outside the batch stay where they are. Pyro creates each optimizer
+    after the first backward pass, so the gradient's layout is known here."""
+    (param,) = params
+    sparse = param.grad is not None and param.grad.is_sparse
+    return (torch.optim.SparseAdam if sparse else torch.optim.Adam)(params, **kwargs)
 
 
 class SVIInference:
@@ -214,8 +227,9 @@ class SVIInference:
 
     def _optimizer(self):
         """Adam with one step size per parameter and the lr decay, a per-parameter
-        ``LambdaLR`` that :meth:`_set_lr` steps once per SVI step."""
-        return pyro.optim.LambdaLR({"optimizer": torch.optim.Adam,
+        ``LambdaLR`` that :meth:`_set_lr` steps once per SVI step; parameters with sparse
+        gradients (the lognormal guide's states in minibatch SVI) get ``SparseAdam``."""
+        return pyro.optim.LambdaLR({"optimizer": _adam,
                                     "optim_args": self._optim_args,
                                     "lr_lambda": self._lr_factor})
 
@@ -242,12 +256,18 @@ class SVIInference:
                         params=_guide_parameters(self.guide), loss_history=self.loss_history,
                         config=self.config, extra={"converged": bool(self.converged)})
 
-    def _check_finite(self, loss: float) -> None:
+    def _check_finite(self, loss: float | None, every_row: bool = True) -> None:
+        """NaN/inf in the loss or a parameter stops training. Without ``every_row`` the
+        parameters with sparse gradients (the states of minibatch SVI: reading them all costs
+        O(n)) are skipped; a bad row shows in the loss when its sequence is drawn again, and
+        :meth:`_loop` checks every row before each checkpoint and at the end."""
         bad = None
-        if not math.isfinite(loss):
+        if loss is not None and not math.isfinite(loss):
             bad = f"loss is {loss}"
         else:
             for name, value in _guide_parameters(self.guide).items():
+                if not every_row and value.grad is not None and value.grad.is_sparse:
+                    continue
                 if not torch.isfinite(value).all():
                     bad = f"parameter {name!r} is not finite"
                     break
@@ -290,6 +310,10 @@ class SVIInference:
         callbacks, early stopping and checkpoints (the one loop of :meth:`fit` and
         :meth:`infer_states`)."""
         scale = counts.shape[0] * counts.shape[1]
+        # the model's default totals read every sequence; a minibatch step only its rows
+        kwargs = {"subsample_size": subsample}
+        if subsample:
+            kwargs["totals"] = counts[:, 0].sum(-1)
         start = time.perf_counter()
         bar = progress_bar(self.steps, self.step, disable=not self.progress)  # log: 10 % lines
         annealed_at = anneal_end(self.model.virtual_observables, self.steps)
@@ -297,7 +321,7 @@ class SVIInference:
             while self.step < self.steps and not self.converged:
                 self._anneal(self.step)
                 try:
-                    loss = svi.step(counts, subsample_size=subsample)
+                    loss = svi.step(counts, **kwargs)
                 except ValueError as err:  # Pyro's argument validation met NaN/inf in the model
                     if not _is_invalid_values(err):
                         raise
@@ -308,12 +332,14 @@ class SVIInference:
                 # before the callbacks: an interrupt raised by one saves this step's verdict
                 self.converged = self._has_converged(scale)
                 stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
-                self._check_finite(loss)
+                self._check_finite(loss, every_row=not subsample)
                 bar.update(1)
                 if self.step % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}", sigma_c=phase(self.step, annealed_at))
                 self.converged = stop or self.converged
                 if self.checkpoint is not None and (self.step % self.checkpoint_every == 0):
+                    if subsample:
+                        self._check_finite(None)
                     self._save(optim)
                     self._last_saved = self.step
         except KeyboardInterrupt:
@@ -323,6 +349,8 @@ class SVIInference:
             bar.close()
             self.fit_seconds += time.perf_counter() - start
         self._anneal(self.steps)  # leave σ_c at its final value for prediction
+        if subsample:
+            self._check_finite(None)
         self._save(optim)
 
     def _setup(self, data, payload):

@@ -273,7 +273,10 @@ def test_a_fitted_guide_owns_its_parameters(data, kind):
 RECORDED = {"lognormal": (1208.28957647652, 2661131.7763970923, 11.683662325891),
             "amortized": (1292.9265740397805, 2253194.7236420605, 11.708806257932316),
             "auto": (1323.4049738098404, 2347233.025024692, 11.670898381242631)}
-RECORDED_BATCH = {"lognormal": 2725863.3672779864, "amortized": 2159502.8261206592}
+# Minibatch lognormal: lazy Adam (SparseAdam, issue 13) leaves the states outside the batch
+# alone, where dense Adam moved them by their momentum (2725863.3672779864 before); the first
+# steps' losses are unchanged (test_inference: the sparse path's estimator equals the dense one).
+RECORDED_BATCH = {"lognormal": 2787099.931622577, "amortized": 2159502.8261206592}
 
 
 @pytest.mark.parametrize("kind", sorted(FACTORIES))
@@ -327,7 +330,7 @@ def test_fixed_theta_is_constants_not_parameters(data):
     theta = model.init_values(torch.Generator().manual_seed(0))
     guide = LogNormalGuide(model, counts, theta_values=theta, prefix="new")
     assert list(guide.theta.parameters()) == []
-    assert set(dict(guide.named_pyro_params())) == {"new.X_loc", "new.X_scale"}
+    assert set(dict(guide.named_pyro_params())) == {"new.X_loc", "new.X_log_scale"}
     trace = pyro.poutine.trace(guide).get_trace(counts)
     torch.testing.assert_close(trace.nodes["transition.sigma_r"]["value"],
                                theta["transition.sigma_r"])
