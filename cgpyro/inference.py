@@ -91,6 +91,9 @@ def _current_name(name: str) -> str:
     return name
 
 
+_WARM_START_SEQUENCES = 8192
+
+
 def _adam(params, **kwargs) -> torch.optim.Optimizer:
     """``Adam``, or ``SparseAdam`` for a parameter whose gradient is sparse: the lazy Adam of
     minibatch SVI, which updates (values and moments) only the rows of the batch, so a step
@@ -375,7 +378,12 @@ class SVIInference:
         gen = torch.Generator().manual_seed(self.seed)
         theta_init = self.model.init_values(gen)
         if self.warm_start and payload is None:
-            theta_init = fit_drift_least_squares(self.model, counts, theta_init, generator=gen)
+            # A start for SVI: at most _WARM_START_SEQUENCES evenly spread sequences, so its
+            # memory (L-BFGS over all pairs: 4 GB at 10^5 sequences) stays bounded.
+            every = torch.linspace(0, len(counts) - 1, _WARM_START_SEQUENCES).round().long() \
+                if len(counts) > _WARM_START_SEQUENCES else slice(None)
+            theta_init = fit_drift_least_squares(self.model, counts[every], theta_init,
+                                                 generator=gen)
         self.guide = self._make_guide(counts, theta_init)
         optim = self._optimizer()
         svi = SVI(self.model, self.guide, optim, loss=self._elbo())
