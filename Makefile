@@ -37,7 +37,7 @@ bench-peers: $(STAMP)       # pysindy + pydmd (the `bench` extra)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,bench]'
 	MPLBACKEND=Agg $(PY) benchmarks/bench_peers.py --write
 bench-scale: $(STAMP)
-	MPLBACKEND=Agg $(PY) benchmarks/bench_scale.py --sizes 64,1000,10000 --out benchmarks/scale.md
+	MPLBACKEND=Agg $(PY) benchmarks/bench_scale.py --sizes 64,1000,10000,100000 --out benchmarks/scale.md
 bench-simulate: $(STAMP)
 	MPLBACKEND=Agg $(PY) benchmarks/bench_simulate.py --scale --write
 bench-gpu: $(STAMP)         # on a CUDA machine: writes benchmarks/gpu.md naming the card

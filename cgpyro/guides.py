@@ -215,9 +215,11 @@ class _LogNormalStates(PyroModule):
     plate.
 
     Both parameters are unconstrained, so that a minibatch step costs O(batch): only the
-    batch's rows are gathered and exponentiated, and their gradients are sparse (the rows of
-    the batch), to be stepped by a sparse optimizer (``torch.optim.SparseAdam``, as
-    :class:`~cgpyro.inference.SVIInference` does). A step over all sequences is dense.
+    batch's rows are gathered and exponentiated. With ``sparse_gradients`` (set by
+    :class:`~cgpyro.inference.SVIInference` for minibatches) their gradients are sparse (the
+    rows of the batch), to be stepped by a sparse optimizer (``torch.optim.SparseAdam``); off
+    by default, so that a user's own ``SVI`` with ``pyro.optim.Adam`` and ``subsample_size``
+    works. A step over all sequences is dense.
     """
 
     def __init__(self, loc: torch.Tensor, scale: torch.Tensor, vectorized: bool):
@@ -225,13 +227,16 @@ class _LogNormalStates(PyroModule):
         self.X_loc = PyroParam(loc)
         self.X_log_scale = PyroParam(scale.log())
         self.vectorized = vectorized
+        self.sparse_gradients = False
 
     def forward(self, subsample_size=None) -> None:
         loc, log_scale = self.X_loc, self.X_log_scale
         n = loc.shape[0]
         with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
-            if len(idx) < n:
+            if len(idx) < n and self.sparse_gradients:
                 loc, scale = _GatherRows.apply(loc, idx), _GatherRows.apply(log_scale, idx).exp()
+            elif len(idx) < n:
+                loc, scale = loc[idx], log_scale[idx].exp()
             else:
                 loc, scale = loc[idx], log_scale.exp()[idx]
             if self.vectorized:
@@ -276,6 +281,17 @@ class LogNormalGuide(_Guide):
     def init_scale(self, value: torch.Tensor) -> None:
         self._init_scale = value
         self._states.X_log_scale = PyroParam(value.log())
+
+    @property
+    def sparse_gradients(self) -> bool:
+        """Minibatch steps give q(X)'s parameters sparse gradients (rows of the batch only),
+        for ``torch.optim.SparseAdam``; :class:`~cgpyro.inference.SVIInference` turns it on
+        for ``batch_size < n``. Off by default (``pyro.optim.Adam`` needs dense gradients)."""
+        return self._states.sparse_gradients
+
+    @sparse_gradients.setter
+    def sparse_gradients(self, value: bool) -> None:
+        self._states.sparse_gradients = bool(value)
 
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``."""

@@ -305,6 +305,8 @@ class SVIInference:
         if subsample and not isinstance(self.guide, LogNormalGuide | AmortizedGuide):
             raise ValueError("batch_size needs the lognormal or amortized guide (autoguides "
                              "see every sequence at each step)")
+        if isinstance(self.guide, LogNormalGuide):  # O(batch) steps: SparseAdam on q(X)'s rows
+            self.guide.sparse_gradients = bool(subsample)
         self._loop(svi, optim, counts, subsample)
         return self
 

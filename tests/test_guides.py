@@ -349,3 +349,24 @@ def test_no_private_param_store_fields_in_the_package():
     found = [f"{path.name}:{n}" for path in Path(cgpyro.__file__).parent.rglob("*.py")
              for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+def test_users_own_svi_with_adam_and_subsampling_works():
+    """Sparse gradients are SVIInference's choice for minibatches; a user's own Pyro ``SVI``
+    with ``pyro.optim.Adam`` and ``subsample_size`` gets dense ones (Adam refuses sparse)."""
+    from pyro.infer import SVI, Trace_ELBO
+
+    from cgpyro.guides import LogNormalGuide
+    from cgpyro.specs import load_model
+    from cgpyro.systems import simulate_dataset
+
+    data, _ = simulate_dataset(6, 4, n_particles=5_000, n_bins=8, seed=0)
+    counts = torch.as_tensor(data.counts, dtype=torch.float64)
+    model = load_model("physics", n_bins=8)
+    guide = LogNormalGuide(model, counts)
+    assert not guide.sparse_gradients
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    before = guide.states()[0].clone()
+    for _ in range(3):
+        assert torch.isfinite(torch.tensor(svi.step(counts, subsample_size=2)))
+    assert not torch.equal(before, guide.states()[0])

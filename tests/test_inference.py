@@ -267,6 +267,7 @@ def test_minibatch_states_take_sparse_gradients_of_the_same_loss():
     counts = linear_data(n_seq=12, n_times=5)
     model = linear_model()
     guide = LogNormalGuide(model, counts)
+    guide.sparse_gradients = True  # what SVIInference sets for batch_size < n
     loc0, scale0 = guide.states()
     loc_d = loc0.clone().requires_grad_()
     log_scale_d = scale0.log().requires_grad_()
