@@ -152,21 +152,24 @@ def _fit_flux_drift(model, counts, theta, max_iter):
     def drift_theta(params):
         return {k[len(pre):]: params.get(k, theta[k]) for k in theta if k.startswith(pre)}
 
-    def step(x, th):
-        return (x + drift(x, th, totals)).clamp(-1.0, 2.0)
+    def step(x, th, x_prev):  # (time, sequence, bin): totals broadcast over sequences
+        return (x + drift(x, th, totals, x_prev=x_prev)).clamp(-1.0, 2.0)
 
+    # X_{t-1} for a drift with memory, with X_{-1} = X_0 as in the model
+    before = torch.cat([frac[:, :1], frac[:, :-1]], 1)
     n_times = frac.shape[1]
     H = min(4, n_times - 1)
     with torch.no_grad():
-        lin = step(frac[:, :-1].transpose(0, 1), drift_theta({})).transpose(0, 1)
+        lin = step(frac[:, :-1].transpose(0, 1), drift_theta({}),
+                   before[:, :-1].transpose(0, 1)).transpose(0, 1)
         sigma2 = (lin - frac[:, 1:]).pow(2).mean().clamp_min(1e-30)
 
     def loss_fn(params):
         th = drift_theta(params)
-        x = frac[:, : n_times - H]
+        x, x_prev = frac[:, : n_times - H], before[:, : n_times - H]
         loss = 0.0
         for h in range(1, H + 1):
-            x = step(x.transpose(0, 1), th).transpose(0, 1)
+            x, x_prev = step(x.transpose(0, 1), th, x_prev.transpose(0, 1)).transpose(0, 1), x
             loss = loss + (x - frac[:, h: n_times - H + h]).pow(2).sum() / (2 * sigma2)
         prior = sum(params[k].pow(2).sum() for k in names) / (2 * drift.weight_prior_scale**2)
         return (loss + prior) / frac[:, 1:].numel()
@@ -176,9 +179,9 @@ def _fit_flux_drift(model, counts, theta, max_iter):
         if _lbfgs(params, lambda: loss_fn(params), max_iter):
             theta.update({k: v.detach() for k, v in params.items()})
     with torch.no_grad():
-        x = frac[:, :-1].transpose(0, 1)
-        residuals = (step(x, drift_theta({})) - frac[:, 1:].transpose(0, 1)).reshape(
-            -1, drift.n_bins)
+        x = frac[:, :-1].transpose(0, 1)  # one step of the fitted drift (network included)
+        residuals = (step(x, drift_theta({}), before[:, :-1].transpose(0, 1))
+                     - frac[:, 1:].transpose(0, 1)).reshape(-1, drift.n_bins)
     for name, value in model.transition.noise_init(residuals).items():
         if f"transition.{name}" not in model.fixed:
             theta[f"transition.{name}"] = value
