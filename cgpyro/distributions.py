@@ -144,8 +144,8 @@ class MarkovChain(TorchDistribution):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self.init is not None:
             lp = self.init.log_prob(value[..., 0, :])
-            history = value[..., :1, :].expand(*value.shape[:-2], self.order, value.shape[-1])
-            states = torch.cat([history[..., :-1, :], value], -2)
+            # order 2: X_{-1} = X_0; order 1 needs no copy (the default, on every SVI step)
+            states = value if self.order == 1 else torch.cat([value[..., :1, :], value], -2)
         else:
             lp = 0.0
             start = self.start if self.order == 2 else self.start.unsqueeze(-2)

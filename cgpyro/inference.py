@@ -15,6 +15,7 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
+from ._checks import is_finite
 from ._progress import anneal_end, phase, progress_bar
 from ._threads import with_auto_threads
 from ._warmstart import fit_drift_least_squares, hold_linear_part
@@ -46,11 +47,6 @@ def as_counts(data, device=None, dtype=torch.float64) -> torch.Tensor:
             data = data.detach().cpu().numpy()
         counts, _, _ = validate(data)
     return torch.as_tensor(counts).to(dtype=dtype, device=device)
-
-
-def _is_real(value) -> bool:
-    return (isinstance(value, int | float | np.integer | np.floating)
-            and not isinstance(value, bool) and math.isfinite(value))
 
 
 def _is_invalid_values(err: ValueError) -> bool:
@@ -159,9 +155,9 @@ class SVIInference:
         for name, value in (("lr", lr), ("lr_final_factor", lr_final_factor)):
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
-        if lr_theta is not None and not (_is_real(lr_theta) and lr_theta >= 0):
+        if lr_theta is not None and not (is_finite(lr_theta) and lr_theta >= 0):
             raise ValueError(f"lr_theta must be a non-negative number, got {lr_theta!r}")
-        if tol is not None and not (_is_real(tol) and tol >= 0):
+        if tol is not None and not (is_finite(tol) and tol >= 0):
             raise ValueError(f"tol must be None or a non-negative number, got {tol!r}")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer) \
                 or not 0 <= seed < 2**32:

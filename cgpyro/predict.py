@@ -141,12 +141,9 @@ def forecast(
             theta.update({k: v.to(x) for k, v in model.fixed.items()})
             T0 = counts.shape[1]
             prev = x[:, :, T0 - 1]
-            memory = getattr(model.transition, "order", 1) == 2  # p(X_{t+1} | X_t, X_{t-1})
-            before = x[:, :, max(T0 - 2, 0)]
+            before = x[:, :, max(T0 - 2, 0)]  # X_{t-1}: used by a second-order law only
             for t in range(T0, T0 + horizon):
-                step = model.transition_mean(prev, theta, totals, before) if memory \
-                    else model.transition_mean(prev, theta, totals)
-                prev, before = step, prev
+                prev, before = model.transition_mean(prev, theta, totals, before), prev
                 x[:, :, t] = prev
     finally:
         model.fixed.clear()

@@ -479,6 +479,10 @@ class FluxDrift(nn.Module):
         win = dx[..., (j[:, None] - k) % B]
         return win - win.mean(-2, keepdim=True)  # the memory term moves no mass
 
+    def _memory_term(self, x, x_prev, memory) -> torch.Tensor:
+        """``Σ_k c_k ΔX_{j-k} - mean_j``, shape of ``x``; ``memory`` ``(..., 2r+1)``."""
+        return (self._memory_window(x - x_prev) * memory.unsqueeze(-2)).sum(-1)
+
     def _features(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> torch.Tensor:
         """Regressors of the linear part: ``(..., B, P)`` with ``P = 2·radius + B·2·c``
         (``+ 2·memory_radius + 1`` memory regressors of ``dx = X_t - X_{t-1}`` when given)."""
@@ -542,8 +546,7 @@ class FluxDrift(nn.Module):
         ``None``: no earlier state, no memory)."""
         out = self.linear(x, theta)
         if self.memory_on and x_prev is not None:
-            c = theta["memory"].unsqueeze(-2)  # (..., 1, 2r+1)
-            out = out + (self._memory_window(x - x_prev) * c).sum(-1)
+            out = out + self._memory_term(x, x_prev, theta["memory"])
         if self.channels:
             F_ = self.face_flux(x, theta, totals)
             out = out - (F_ - F_.roll(1, -1)) / self.n_bins
@@ -623,11 +626,9 @@ class FluxDrift(nn.Module):
                     for t in range(2, frac.shape[1]):
                         nxt = x + self.linear(x, values)
                         if memory:
-                            c = values["memory"]
-                            nxt = nxt + (self._memory_window(x - x_prev) * c).sum(-1)
+                            nxt = nxt + self._memory_term(x, x_prev, values["memory"])
                         x_prev, x = x, nxt
                         diff[held] += sign * (x - frac[held, t]).abs().sum(-1)
-        self.memory_cv = diff  # for diagnostics
         se = diff.std() / math.sqrt(n) if n > 1 else torch.tensor(0.0)
         return bool(diff.mean() + se < 0)
 

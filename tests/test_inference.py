@@ -114,19 +114,26 @@ def test_nan_stops_training_with_a_message(tmp_path):
         inference.fit(counts)
 
 
+def interrupted_checkpoint(inference, counts, path, at):
+    """Fit ``inference`` (writing checkpoints to ``path``) until Ctrl-C at step ``at``;
+    return the saved payload."""
+    def interrupt(step, loss, inf):
+        if step == at:
+            raise KeyboardInterrupt
+
+    inference.checkpoint, inference.callbacks = path, [interrupt]
+    with pytest.raises(KeyboardInterrupt):
+        inference.fit(counts)
+    return torch.load(path, weights_only=True)
+
+
 def test_resume_is_bit_identical(tmp_path):
     counts = linear_data(n_seq=3, n_times=4)
     full = SVIInference(linear_model(), steps=60, progress=False).fit(counts)
     expected = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
-    def interrupt(step, loss, inference):
-        if step == 25:
-            raise KeyboardInterrupt
-
     ck = tmp_path / "ck.pt"
-    with pytest.raises(KeyboardInterrupt):
-        SVIInference(linear_model(), steps=60, progress=False, checkpoint=ck,
-                     callbacks=[interrupt]).fit(counts)
+    interrupted_checkpoint(SVIInference(linear_model(), steps=60, progress=False), counts, ck, 25)
     resumed = SVIInference(linear_model(), steps=60, progress=False, checkpoint=ck)
     resumed.fit(counts, resume=ck)
     assert resumed.step == 60
@@ -236,14 +243,8 @@ def test_checkpoints_with_the_names_of_older_cgpyro_resume(tmp_path):
 
     full = inference().fit(counts)
 
-    def stop(step, loss, inf):
-        if step == 3:
-            raise KeyboardInterrupt
-
     ck = tmp_path / "ck.pt"
-    with pytest.raises(KeyboardInterrupt):
-        inference(checkpoint=ck, callbacks=[stop]).fit(counts)
-    payload = torch.load(ck, weights_only=True)
+    payload = interrupted_checkpoint(inference(), counts, ck, 3)
     old = {name: name.replace("amortized.", "amortized$$$") for name in payload["params"]}
     assert any("$$$" in name for name in old.values())
     for key in ("params", "optim"):
@@ -325,22 +326,14 @@ def test_minibatch_resume_is_bit_identical_also_from_old_names(tmp_path):
     full = inference().fit(counts)
     expected = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
 
-    def interrupt(step, loss, inf):
-        if step == 12:
-            raise KeyboardInterrupt
-
     ck = tmp_path / "ck.pt"
-    with pytest.raises(KeyboardInterrupt):
-        inference(checkpoint=ck, callbacks=[interrupt]).fit(counts)
-    payload = torch.load(ck, weights_only=True)
+    payload = interrupted_checkpoint(inference(), counts, ck, 12)
     assert isinstance(payload["optim"]["q.X_loc"]["state"][0]["step"], int)  # SparseAdam
     resumed = inference(checkpoint=ck).fit(counts, resume=ck)
     assert resumed.loss_history == full.loss_history
     for k, v in pyro.get_param_store().items():
         assert torch.equal(v.detach(), expected[k]), k
-    with pytest.raises(KeyboardInterrupt):
-        inference(checkpoint=ck, callbacks=[interrupt]).fit(counts)
-    payload = torch.load(ck, weights_only=True)
+    payload = interrupted_checkpoint(inference(), counts, ck, 12)
     for key in ("params", "optim"):
         payload[key]["q.X_scale"] = payload[key].pop("q.X_log_scale")
     del payload["sha256"]
