@@ -42,6 +42,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     memory = false                   # flux: + Σ_k c_k (X_t - X_{t-1})_{j-k}: true | false |
                                      # "auto" (on where held-out training rollouts improve)
     memory_radius = 1                # flux: reach of the memory stencil (bins)
+    jump_prior = "decay"             # flux: prior variance of a jump falls off with its reach
+                                     # at a learned rate (locality) | "flat" (one scale)
                                      # (flux: activation default "tanh", weight scale 1.0)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
@@ -133,7 +135,7 @@ MODEL_KEYS = {
     "transition": ("drift", "hidden", "activation", "linear_skip", "conserve_mass", "noise",
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
-                   "hyper_prior_scale", "memory", "memory_radius"),
+                   "hyper_prior_scale", "memory", "memory_radius", "jump_prior"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -282,7 +284,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
                              "channels, kernel")
     else:
         for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale",
-                    "memory", "memory_radius"):
+                    "memory", "memory_radius", "jump_prior"):
             if tr.has(key):
                 tr.fail(key, "is a flux setting; set drift = 'flux' to use it")
     radius = tr.data.get("radius", "auto")
@@ -299,6 +301,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
         hyper_prior_scale=tr.get_number,
         memory=lambda k: _memory_setting(tr, k),
         memory_radius=lambda k: tr.get_int(k, minimum=0),
+        jump_prior=lambda k: tr.get_str(k, choices=("decay", "flat")),
         hidden=tr.widths,
         activation=lambda k: tr.get_str(k, choices=sorted(ACTIVATIONS)),
         linear_skip=tr.get_bool,

@@ -317,9 +317,12 @@ class FluxDrift(nn.Module):
       ``0 < |k| ≤ radius`` (site ``jumps``, ``(2·radius,)``) plus a per-bin correction ``δ_{i,k}``
       for ``|k| ≤ correction_radius`` (site ``delta``, ``(B, 2·correction_radius)``): the
       non-equivariant part (e.g. bins of unequal width);
-    - hierarchical prior: ``p_k ~ N(0, jump_scale)``, ``δ ~ N(0, correction_scale)`` with
+    - hierarchical prior: ``p_k ~ N(0, jump_scale · exp(-jump_decay · (|k| - 1) / 2))``
+      (``jump_prior="decay"``: locality, the prior variance of a jump falls off geometrically
+      with its reach at a rate ``jump_decay ~ N(0, 1)`` that the data set; ``"flat"``: one scale
+      for every reach, ``jump_decay`` absent), ``δ ~ N(0, correction_scale)`` with
       ``jump_scale, correction_scale ~ HalfCauchy(hyper_prior_scale)``: the data decide how far
-      the dynamics departs from translation invariance. The linear part and its two scales are
+      the dynamics departs from locality and translation invariance. The linear part and its two scales are
       set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
       jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
     - memory (optional, ``memory``): ``+ Σ_k c_k ΔX_{j-k} - mean_j(·)`` with
@@ -353,6 +356,7 @@ class FluxDrift(nn.Module):
         hyper_prior_scale: float = 1.0,
         memory: bool | str = False,
         memory_radius: int = 1,
+        jump_prior: str = "decay",
     ):
         super().__init__()
         B = int(n_bins)
@@ -384,6 +388,9 @@ class FluxDrift(nn.Module):
                 or not 0 <= memory_radius <= (B - 1) // 2:
             raise ValueError(f"memory_radius must be an integer in [0, (n_bins-1)//2 = "
                              f"{(B - 1) // 2}], got {memory_radius!r}")
+        if jump_prior not in ("decay", "flat"):
+            raise ValueError(f"jump_prior must be 'decay' or 'flat', got {jump_prior!r}")
+        self.jump_prior = jump_prior
         self.memory = memory
         self.memory_radius = memory_radius if memory else 0
         self.memory_on = memory is True  # "auto": decided by initial_fit
@@ -394,6 +401,9 @@ class FluxDrift(nn.Module):
         self.hyper_prior_scale = float(hyper_prior_scale)
         offsets = [k for k in range(-radius, radius + 1) if k != 0]
         self.register_buffer("offsets", torch.tensor(offsets), persistent=False)
+        # reach of each jump beyond the nearest neighbour: the decay prior's exponent
+        self.register_buffer("reach", torch.tensor([abs(k) - 1.0 for k in offsets],
+                                                   dtype=torch.float64), persistent=False)
         self.register_buffer("total_ref", torch.tensor(1.0, dtype=torch.float64),
                              persistent=False)
         self.uses_totals = True
@@ -418,6 +428,8 @@ class FluxDrift(nn.Module):
     def held_sites(self) -> list[str]:
         """Sites set by :meth:`initial_fit` and held there during SVI (relative names)."""
         names = ["jump_scale", "jumps"]
+        if self.jump_prior == "decay":
+            names.insert(1, "jump_decay")
         if self.correction_radius:
             names += ["correction_scale", "delta"]
         if self.memory:
@@ -433,9 +445,18 @@ class FluxDrift(nn.Module):
         def normal(shape):
             return lambda scale: dist.Normal(zero, scale).expand(shape).to_event(len(shape))
 
-        priors = {"jump_scale": hyper,
-                  "jumps": Hierarchical(normal(shapes["jumps"]), ("jump_scale",),
-                                        constraints.real, shapes["jumps"])}
+        priors = {"jump_scale": hyper}
+        if self.jump_prior == "decay":
+            reach = self.reach.to(dtype=dtype, device=device)
+            priors["jump_decay"] = dist.Normal(zero, torch.ones_like(zero))
+            priors["jumps"] = Hierarchical(
+                lambda scale, decay: dist.Normal(
+                    zero, scale.unsqueeze(-1) * torch.exp(-0.5 * decay.unsqueeze(-1) * reach)
+                ).to_event(1),
+                ("jump_scale", "jump_decay"), constraints.real, shapes["jumps"])
+        else:
+            priors["jumps"] = Hierarchical(normal(shapes["jumps"]), ("jump_scale",),
+                                           constraints.real, shapes["jumps"])
         if self.correction_radius:
             priors["correction_scale"] = hyper
             priors["delta"] = Hierarchical(normal(shapes["delta"]), ("correction_scale",),
@@ -453,6 +474,8 @@ class FluxDrift(nn.Module):
     def init_values(self, generator: torch.Generator | None = None, dtype=torch.float64):
         values = {"jump_scale": torch.tensor(0.1, dtype=dtype),
                   "jumps": torch.zeros(2 * self.radius, dtype=dtype)}
+        if self.jump_prior == "decay":
+            values["jump_decay"] = torch.tensor(0.0, dtype=dtype)
         if self.correction_radius:
             values["correction_scale"] = torch.tensor(0.01, dtype=dtype)
             values["delta"] = torch.zeros(self.n_bins, 2 * self.correction_radius, dtype=dtype)
@@ -653,17 +676,27 @@ class FluxDrift(nn.Module):
 
     def _evidence_fit(self, G, r, yy, n_obs, groups):
         """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
-        1 δ, 2 memory) and the noise precision maximise the evidence; returns the values of
-        :meth:`held_sites` and the Gaussian posterior ``(mean, Cholesky factor of cov)``."""
+        1 δ, 2 memory; with ``jump_prior="decay"`` the jumps' precision grows as
+        ``exp(jump_decay · (|k| - 1))``), and the noise precision maximise the evidence; returns
+        the values of :meth:`held_sites` and the Gaussian posterior
+        ``(mean, Cholesky factor of cov)``."""
         n_groups = int(groups.max()) + 1
         scale = G.diagonal().mean().clamp_min(1e-300)
-        # log τ_g (prior precisions relative to the Gram scale), log β (noise precision)
-        log_h = torch.zeros(n_groups + 1, dtype=torch.float64)
+        nj, nd = 2 * self.radius, self.n_bins * 2 * self.correction_radius
+        decay = self.jump_prior == "decay"
+        reach = torch.zeros(groups.shape[0], dtype=torch.float64)
+        reach[:nj] = self.reach
+        # log τ_g (prior precisions relative to the Gram scale), the jumps' decay rate (held
+        # at 0 for "flat"), log β (noise precision)
+        log_h = torch.zeros(n_groups + 2, dtype=torch.float64)
         log_h[-1] = math.log(n_obs / max(yy.item(), 1e-300))
         log_h.requires_grad_(True)
 
         def neg_evidence():
-            alpha = (log_h[:-1].exp() * scale)[groups]
+            rate = log_h[n_groups] if decay else log_h[n_groups].detach() * 0
+            # precisions within e^±25 of the Gram scale: beyond, a weight is simply pinned at
+            # zero (or free), and exp(rate · reach) cannot overflow at long reaches
+            alpha = scale * (log_h[:n_groups][groups] + rate * reach).clamp(-25.0, 25.0).exp()
             beta = log_h[-1].exp()
             H = torch.diag(alpha) + beta * G
             L = _robust_cholesky(H)
@@ -699,8 +732,10 @@ class FluxDrift(nn.Module):
             H = torch.diag(alpha) + log_h[-1].exp() * G
             cov = torch.cholesky_inverse(_robust_cholesky(H))
             posterior = (m.clone(), _robust_cholesky(0.5 * (cov + cov.T)))
-        nj, nd = 2 * self.radius, self.n_bins * 2 * self.correction_radius
-        values = {"jump_scale": alpha[0].rsqrt(), "jumps": m[:nj].clone()}
+        log_h = log_h.detach()
+        values = {"jump_scale": (log_h[0].exp() * scale).rsqrt(), "jumps": m[:nj].clone()}
+        if decay:
+            values["jump_decay"] = log_h[n_groups].clone()
         if self.correction_radius:
             values["correction_scale"] = alpha[nj].rsqrt()
             values["delta"] = m[nj:nj + nd].reshape(self.n_bins, 2 * self.correction_radius).clone()
