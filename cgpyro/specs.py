@@ -44,6 +44,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     memory_radius = 1                # flux: reach of the memory stencil (bins)
     jump_prior = "decay"             # flux: prior variance of a jump falls off with its reach
                                      # at a learned rate (locality) | "flat" (one scale)
+    dense = false                    # flux: + a dense bin-to-bin rate correction under a
+                                     # learned prior scale: true | false | "auto" (<= 32 bins)
                                      # (flux: activation default "tanh", weight scale 1.0)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
@@ -135,7 +137,8 @@ MODEL_KEYS = {
     "transition": ("drift", "hidden", "activation", "linear_skip", "conserve_mass", "noise",
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
-                   "hyper_prior_scale", "memory", "memory_radius", "jump_prior"),
+                   "hyper_prior_scale", "memory", "memory_radius", "jump_prior",
+                   "dense"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -284,7 +287,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
                              "channels, kernel")
     else:
         for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale",
-                    "memory", "memory_radius", "jump_prior"):
+                    "memory", "memory_radius", "jump_prior", "dense"):
             if tr.has(key):
                 tr.fail(key, "is a flux setting; set drift = 'flux' to use it")
     radius = tr.data.get("radius", "auto")
@@ -302,6 +305,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
         memory=lambda k: _memory_setting(tr, k),
         memory_radius=lambda k: tr.get_int(k, minimum=0),
         jump_prior=lambda k: tr.get_str(k, choices=("decay", "flat")),
+        dense=lambda k: _memory_setting(tr, k),
         hidden=tr.widths,
         activation=lambda k: tr.get_str(k, choices=sorted(ACTIVATIONS)),
         linear_skip=tr.get_bool,

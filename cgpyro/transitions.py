@@ -300,6 +300,11 @@ def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
     return L
 
 
+# "auto" dense correction up to this many bins: B(B-1) = 992 weights; at 64 bins 4,032 weights
+# would cost minutes of evidence steps, and there the local model is at the floor already.
+DENSE_AUTO_MAX_BINS = 32
+
+
 def auto_radius(n_bins: int) -> int:
     """Reach of the jump stencil in bins: a quarter of the domain, at least 2, at most (B-1)/2."""
     return max(1, min(max(math.ceil(n_bins / 4), 2), (n_bins - 1) // 2))
@@ -325,6 +330,12 @@ class FluxDrift(nn.Module):
       the dynamics departs from locality and translation invariance. The linear part and its two scales are
       set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
       jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
+    - dense correction (optional, ``dense``): a rate ``D_{i,j}`` from every bin ``j`` to every
+      other bin ``i`` (site ``dense``, ``(B, B)``, diagonal unused) under ``N(0, dense_scale)``,
+      held by empirical Bayes like δ: the non-local, non-equivariant departure that a
+      least-squares linear map would fit, kept only where the data support it (the evidence
+      shrinks it to zero with few sequences). ``dense="auto"`` uses it up to
+      ``DENSE_AUTO_MAX_BINS`` bins: its ``B(B-1)`` weights cost ``O(B^6)`` per evidence step;
     - memory (optional, ``memory``): ``+ Σ_k c_k ΔX_{j-k} - mean_j(·)`` with
       ``ΔX = X_t - X_{t-1}`` and ``|k| ≤ memory_radius`` (site ``memory``, under
       ``N(0, memory_scale)``, held by empirical Bayes like the jumps): the bin fractions alone
@@ -357,6 +368,7 @@ class FluxDrift(nn.Module):
         memory: bool | str = False,
         memory_radius: int = 1,
         jump_prior: str = "decay",
+        dense: bool | str = False,
     ):
         super().__init__()
         B = int(n_bins)
@@ -391,6 +403,9 @@ class FluxDrift(nn.Module):
         if jump_prior not in ("decay", "flat"):
             raise ValueError(f"jump_prior must be 'decay' or 'flat', got {jump_prior!r}")
         self.jump_prior = jump_prior
+        if dense not in (True, False, "auto"):
+            raise ValueError(f"dense must be true, false or 'auto', got {dense!r}")
+        self.dense = bool(dense is True or (dense == "auto" and B <= DENSE_AUTO_MAX_BINS))
         self.memory = memory
         self.memory_radius = memory_radius if memory else 0
         self.memory_on = memory is True  # "auto": decided by initial_fit
@@ -417,6 +432,8 @@ class FluxDrift(nn.Module):
         shapes = {"jumps": torch.Size([2 * self.radius])}
         if self.correction_radius:
             shapes["delta"] = torch.Size([self.n_bins, 2 * self.correction_radius])
+        if self.dense:
+            shapes["dense"] = torch.Size([self.n_bins, self.n_bins])
         if self.memory:
             shapes["memory"] = torch.Size([2 * self.memory_radius + 1])
         sizes = (2, *self.channels, 1) if self.channels else ()
@@ -432,6 +449,8 @@ class FluxDrift(nn.Module):
             names.insert(1, "jump_decay")
         if self.correction_radius:
             names += ["correction_scale", "delta"]
+        if self.dense:
+            names += ["dense_scale", "dense"]
         if self.memory:
             names += ["memory_scale", "memory"]
         return names
@@ -461,6 +480,10 @@ class FluxDrift(nn.Module):
             priors["correction_scale"] = hyper
             priors["delta"] = Hierarchical(normal(shapes["delta"]), ("correction_scale",),
                                            constraints.real, shapes["delta"])
+        if self.dense:
+            priors["dense_scale"] = hyper
+            priors["dense"] = Hierarchical(normal(shapes["dense"]), ("dense_scale",),
+                                           constraints.real, shapes["dense"])
         if self.memory:
             priors["memory_scale"] = hyper
             priors["memory"] = Hierarchical(normal(shapes["memory"]), ("memory_scale",),
@@ -479,6 +502,9 @@ class FluxDrift(nn.Module):
         if self.correction_radius:
             values["correction_scale"] = torch.tensor(0.01, dtype=dtype)
             values["delta"] = torch.zeros(self.n_bins, 2 * self.correction_radius, dtype=dtype)
+        if self.dense:
+            values["dense_scale"] = torch.tensor(0.01, dtype=dtype)
+            values["dense"] = torch.zeros(self.n_bins, self.n_bins, dtype=dtype)
         if self.memory:
             values["memory_scale"] = torch.tensor(0.01, dtype=dtype)
             values["memory"] = torch.zeros(2 * self.memory_radius + 1, dtype=dtype)
@@ -520,6 +546,11 @@ class FluxDrift(nn.Module):
                 out[..., j, j, c] -= x
                 out[..., (j + k) % B, j, c] += x
             feats.append(out.reshape(*x.shape, B * len(ks)))
+        if self.dense:  # D_{i,j} moves D X_j from bin j to bin i: +X_j at i, -X_j at j
+            eye = torch.eye(B, dtype=x.dtype, device=x.device)
+            flow = x[..., None, None, :] * (eye[:, :, None] - eye[:, None, :])  # (..., r, i, j)
+            off = ~torch.eye(B, dtype=torch.bool, device=x.device)
+            feats.append(flow[..., off])
         if dx is not None:
             feats.append(self._memory_window(dx))
         return torch.cat(feats, -1)
@@ -536,6 +567,9 @@ class FluxDrift(nn.Module):
             for c, k in enumerate(self._corr_offsets()):
                 flow = delta[..., c] * x  # (..., B): out of bin i
                 out = out - flow + flow.roll(k, -1)
+        if self.dense:
+            D = theta["dense"] * (1 - torch.eye(B, dtype=x.dtype, device=x.device))
+            out = out + torch.einsum("...ij,...j->...i", D, x) - x * D.sum(-2)
         return out
 
     def _conv(self, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -616,6 +650,8 @@ class FluxDrift(nn.Module):
             x, y = x[keep], y[keep]
             dx = None if dx is None else dx[keep]
         groups = [0] * (2 * self.radius) + [1] * (B * 2 * self.correction_radius)
+        if self.dense:
+            groups += [3] * (B * (B - 1))
         if memory:
             groups += [2] * (2 * self.memory_radius + 1)
         P = len(groups)
@@ -665,14 +701,27 @@ class FluxDrift(nn.Module):
         m, L = self.posterior
         eps = torch.randn(num_samples, m.shape[0], dtype=m.dtype)
         w = (m + eps @ L.T).unsqueeze(1)
-        nj, nd = 2 * self.radius, self.n_bins * 2 * self.correction_radius
+        B = self.n_bins
+        nj, nd, nD = 2 * self.radius, B * 2 * self.correction_radius, self._n_dense()
         out = {"jumps": w[..., :nj]}
         if self.correction_radius:
-            out["delta"] = w[..., nj:nj + nd].reshape(num_samples, 1, self.n_bins,
+            out["delta"] = w[..., nj:nj + nd].reshape(num_samples, 1, B,
                                                       2 * self.correction_radius)
+        if self.dense:
+            out["dense"] = self._dense_matrix(w[..., nj + nd:nj + nd + nD])
         if self.memory_on:
-            out["memory"] = w[..., nj + nd:]
+            out["memory"] = w[..., nj + nd + nD:]
         return out
+
+    def _n_dense(self) -> int:
+        return self.n_bins * (self.n_bins - 1) if self.dense else 0
+
+    def _dense_matrix(self, w: torch.Tensor) -> torch.Tensor:
+        """Off-diagonal weights ``(..., B(B-1))`` -> ``(..., B, B)`` with a zero diagonal."""
+        B = self.n_bins
+        D = torch.zeros(*w.shape[:-1], B, B, dtype=w.dtype, device=w.device)
+        D[..., ~torch.eye(B, dtype=torch.bool, device=w.device)] = w
+        return D
 
     def _evidence_fit(self, G, r, yy, n_obs, groups):
         """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
@@ -739,6 +788,11 @@ class FluxDrift(nn.Module):
         if self.correction_radius:
             values["correction_scale"] = alpha[nj].rsqrt()
             values["delta"] = m[nj:nj + nd].reshape(self.n_bins, 2 * self.correction_radius).clone()
+        nD = self._n_dense()
+        if self.dense:
+            values["dense_scale"] = alpha[nj + nd].rsqrt()
+            values["dense"] = self._dense_matrix(m[nj + nd:nj + nd + nD])
+        nd = nd + nD  # memory weights follow the dense ones
         if self.memory:
             on = m.shape[0] > nj + nd
             values["memory_scale"] = alpha[-1].rsqrt() if on else torch.tensor(1e-12,
