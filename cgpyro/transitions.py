@@ -327,8 +327,8 @@ class FluxDrift(nn.Module):
       with its reach at a rate ``jump_decay ~ N(0, 1)`` that the data set; ``"flat"``: one scale
       for every reach, ``jump_decay`` absent), ``δ ~ N(0, correction_scale)`` with
       ``jump_scale, correction_scale ~ HalfCauchy(hyper_prior_scale)``: the data decide how far
-      the dynamics departs from locality and translation invariance. The linear part and its two scales are
-      set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
+      the dynamics departs from locality and translation invariance. The linear part and its
+      scales are set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
       jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
     - dense correction (optional, ``dense``): a rate ``D_{i,j}`` from every bin ``j`` to every
       other bin ``i`` (site ``dense``, ``(B, B)``, diagonal unused) under ``N(0, dense_scale)``,
@@ -567,8 +567,8 @@ class FluxDrift(nn.Module):
             for c, k in enumerate(self._corr_offsets()):
                 flow = delta[..., c] * x  # (..., B): out of bin i
                 out = out - flow + flow.roll(k, -1)
-        if self.dense:
-            D = theta["dense"] * (1 - torch.eye(B, dtype=x.dtype, device=x.device))
+        if self.dense:  # a diagonal D_{j,j} moves nothing: it cancels between the two terms
+            D = theta["dense"]
             out = out + torch.einsum("...ij,...j->...i", D, x) - x * D.sum(-2)
         return out
 
@@ -725,7 +725,7 @@ class FluxDrift(nn.Module):
 
     def _evidence_fit(self, G, r, yy, n_obs, groups):
         """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
-        1 δ, 2 memory; with ``jump_prior="decay"`` the jumps' precision grows as
+        1 δ, 2 memory, 3 dense — an absent group's entry is idle; with ``jump_prior="decay"`` the jumps' precision grows as
         ``exp(jump_decay · (|k| - 1))``), and the noise precision maximise the evidence; returns
         the values of :meth:`held_sites` and the Gaussian posterior
         ``(mean, Cholesky factor of cov)``."""
@@ -742,7 +742,7 @@ class FluxDrift(nn.Module):
         log_h.requires_grad_(True)
 
         def neg_evidence():
-            rate = log_h[n_groups] if decay else log_h[n_groups].detach() * 0
+            rate = log_h[n_groups] if decay else 0.0
             # precisions within e^±25 of the Gram scale: beyond, a weight is simply pinned at
             # zero (or free), and exp(rate · reach) cannot overflow at long reaches
             alpha = scale * (log_h[:n_groups][groups] + rate * reach).clamp(-25.0, 25.0).exp()
