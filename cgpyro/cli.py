@@ -229,6 +229,9 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="sequences per SVI step of a new run (minibatch SVI; default: "
                              "the guide spec's batch_size, else all)")
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="data-parallel training on this many CPU processes (gloo; the "
+                             "sequences are split between them; default: 1)")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--out", type=Path, help="new run directory (empty or missing)")
     where.add_argument("--resume", type=Path, help="continue the run in this directory")
@@ -298,7 +301,7 @@ def _run_train(args: argparse.Namespace) -> int:
         try:
             inference = run.fit(steps=args.steps if args.resume is not None else None,
                                 progress=not args.quiet, max_bytes=max_bytes,
-                                stop_on_signals=True)
+                                stop_on_signals=True, nproc=args.nproc)
         except KeyboardInterrupt as exc:
             if str(exc):  # the checkpoint was saved
                 raise KeyboardInterrupt(f"{exc}; continue with: cgpyro train --resume "

@@ -15,6 +15,7 @@ import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
+from . import _distributed
 from ._checks import is_finite
 from ._progress import anneal_end, phase, progress_bar
 from ._threads import with_auto_threads
@@ -197,6 +198,7 @@ class SVIInference:
         self.step = 0
         self.converged = False
         self.fit_seconds = 0.0
+        self._world = (0, 1)  # (rank, processes) of data-parallel training, set by fit
 
     # ------------------------------------------------------------------ helpers
     def _make_guide(self, counts, theta_init):
@@ -251,15 +253,72 @@ class SVIInference:
     def _save(self, optim) -> None:
         if self.checkpoint is None:
             return
-        save_checkpoint(self.checkpoint, step=self.step, optim=self._optim_state(optim),
-                        params=_guide_parameters(self.guide), loss_history=self.loss_history,
-                        config=self.config, extra={"converged": bool(self.converged)})
+        params, state = _guide_parameters(self.guide), self._optim_state(optim)
+        if self._world[1] > 1:  # q(X) of every process; rank 0 writes
+            params, state = self._gather(params), {k: self._gather_state(k, v)
+                                                   for k, v in state.items()}
+            if self._world[0] != 0:
+                return
+        save_checkpoint(self.checkpoint, step=self.step, optim=state, params=params,
+                        loss_history=self.loss_history, config=self.config,
+                        extra={"converged": bool(self.converged)})
+
+    # ------------------------------------------------------------------ data parallel
+    def _is_local(self, name: str) -> bool:
+        """A per-sequence parameter (q(X) of the lognormal guide), kept on its shard."""
+        return isinstance(self.guide, LogNormalGuide) and name.startswith(f"{self.guide.prefix}.")
+
+    def _gather(self, params: dict) -> dict:
+        return {k: _distributed.gather_rows(v.detach(), self._n_all) if self._is_local(k)
+                else v for k, v in params.items()}
+
+    def _gather_state(self, name: str, state: dict) -> dict:
+        """A torch optimizer state dict of parameter ``name`` with its per-sequence tensors
+        (Adam's moments of a q(X) parameter) gathered from every process."""
+        if not self._is_local(name):
+            return state
+        return {**state, "state": {i: {k: _distributed.gather_rows(v, self._n_all)
+                                       if torch.is_tensor(v) and v.dim() else v
+                                       for k, v in s.items()}
+                                   for i, s in state["state"].items()}}
+
+    def _shard_payload(self, payload: dict) -> dict:
+        """A checkpoint's q(X) rows (and their optimizer state) of this process's block."""
+        rows = self._rows
+
+        def cut(v):
+            return v[rows] if torch.is_tensor(v) and v.dim() else v
+
+        params = {k: cut(v) if self._is_local(_current_name(k)) else v
+                  for k, v in payload["params"].items()}
+        optim = {k: {**st, "state": {i: {kk: cut(vv) for kk, vv in s.items()}
+                                     for i, s in st["state"].items()}}
+                 if self._is_local(_current_name(k)) else st
+                 for k, st in payload["optim"].items()}
+        return {**payload, "params": params, "optim": optim}
+
+    def _assemble(self, counts: torch.Tensor, theta_init) -> None:
+        """After data-parallel training: ``guide`` becomes the guide of all sequences (θ and
+        every process's q(X)), the same on every process."""
+        values = self._gather(_guide_parameters(self.guide))
+        self.guide = self._make_guide(counts, theta_init)
+        pyro.clear_param_store()  # the shard guide's tensors hold the names
+        with torch.no_grad():
+            pyro.poutine.trace(self.guide).get_trace(counts)
+            for name, param in _guide_parameters(self.guide).items():
+                param.copy_(values[name])
 
     def _check_finite(self, loss: float | None, every_row: bool = True) -> None:
         """NaN/inf in the loss or a parameter stops training. Without ``every_row`` the
         parameters with sparse gradients (the states of minibatch SVI: reading them all costs
         O(n)) are skipped; a bad row shows in the loss when its sequence is drawn again, and
         :meth:`_loop` checks every row before each checkpoint and at the end."""
+        bad = self._nonfinite(loss, every_row)
+        if bad:
+            self._numerical_failure(self.step, bad)
+
+    def _nonfinite(self, loss: float | None, every_row: bool = True) -> str | None:
+        """What is not finite (see :meth:`_check_finite`), or ``None``."""
         bad = None
         if loss is not None and not math.isfinite(loss):
             bad = f"loss is {loss}"
@@ -270,8 +329,7 @@ class SVIInference:
                 if not torch.isfinite(value).all():
                     bad = f"parameter {name!r} is not finite"
                     break
-        if bad:
-            self._numerical_failure(self.step, bad)
+        return bad
 
     def _numerical_failure(self, step: int, bad: str):
         if self._task != "training":
@@ -304,13 +362,16 @@ class SVIInference:
         if isinstance(self.guide, LogNormalGuide):  # O(batch) steps: SparseAdam on q(X)'s rows
             self.guide.sparse_gradients = bool(subsample)
         self._loop(svi, optim, counts, subsample)
+        if self._world[1] > 1:
+            self._assemble(as_counts(data, device=self.device), self._theta_init)
         return self
 
     def _loop(self, svi, optim, counts, subsample) -> None:
         """SVI steps from ``self.step`` to ``steps``: annealing, lr schedule, NaN checks,
         callbacks, early stopping and checkpoints (the one loop of :meth:`fit` and
         :meth:`infer_states`)."""
-        scale = counts.shape[0] * counts.shape[1]
+        parallel = self._world[1] > 1
+        scale = (self._n_all if parallel else counts.shape[0]) * counts.shape[1]
         # the model's default totals read every sequence; a minibatch step only its rows
         kwargs = {"subsample_size": subsample}
         if subsample:
@@ -332,7 +393,22 @@ class SVIInference:
                 self.loss_history.append(loss)
                 # before the callbacks: an interrupt raised by one saves this step's verdict
                 self.converged = self._has_converged(scale)
-                stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
+                if not parallel:
+                    stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
+                else:  # every process stops, is interrupted or fails at the same step
+                    try:
+                        stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
+                        interrupted = False
+                    except KeyboardInterrupt:
+                        stop, interrupted = True, True
+                    bad = self._nonfinite(loss, every_row=not subsample)
+                    stop, failed, interrupted = _distributed.agree(stop, bad is not None,
+                                                                   interrupted)
+                    if failed:
+                        self._numerical_failure(self.step, bad or "a parameter of another "
+                                                "process is not finite")
+                    if interrupted:
+                        raise KeyboardInterrupt
                 self._check_finite(loss, every_row=not subsample)
                 bar.update(1)
                 if self.step % 50 == 0:
@@ -382,14 +458,43 @@ class SVIInference:
                 if len(counts) > _WARM_START_SEQUENCES else slice(None)
             theta_init = fit_drift_least_squares(self.model, counts[every], theta_init,
                                                  generator=gen)
-        self.guide = self._make_guide(counts, theta_init)
-        optim = self._optimizer()
-        svi = SVI(self.model, self.guide, optim, loss=self._elbo())
+        self._world = rank, size = _distributed.world()
+        self._theta_init = theta_init
+        if size == 1:
+            self.guide = self._make_guide(counts, theta_init)
+            optim = self._optimizer()
+            svi = SVI(self.model, self.guide, optim, loss=self._elbo())
+        else:
+            counts, optim, svi = self._setup_shard(counts, theta_init, rank, size)
+            if payload is not None:
+                payload = self._shard_payload(payload)
         self.step, self.loss_history, self.converged = 0, [], False
         self._last_saved, self._restored_optim = None, {}
         if payload is not None:
             self._restore(payload, counts, optim)
         self.optim = optim
+        return counts, optim, svi
+
+    def _setup_shard(self, counts, theta_init, rank: int, size: int):
+        """Data parallel (an initialized process group of ``size``): the guide of this
+        process's block of sequences, θ summed over processes (see :mod:`cgpyro._distributed`).
+        The model's setup above ran on all the data, the same on every process."""
+        self._n_all, self._rows = len(counts), _distributed.shard(len(counts), rank, size)
+        counts = counts[self._rows]
+        self.guide = self._make_guide(counts, theta_init)
+        if not isinstance(self.guide, LogNormalGuide | AmortizedGuide):
+            raise ValueError("data-parallel training needs the lognormal or amortized guide")
+        with torch.no_grad():
+            pyro.poutine.trace(self.guide).get_trace(counts)  # creates every parameter
+        own = _guide_parameters(self.guide)
+        shared = [own[k] for k in sorted(own) if not self._is_local(k)]
+        for param in shared:  # one θ start everywhere, whatever the warm start's rounding
+            torch.distributed.broadcast(param.data, 0)
+        pyro.set_rng_seed(self.seed + rank)  # independent draws of q(X) per process
+        optim, elbo = self._optimizer(), self._elbo()
+        scale = _distributed.ScaleGlobal(1.0 / size)
+        svi = SVI(scale(self.model), scale(self.guide), optim, loss=elbo.loss,
+                  loss_and_grads=_distributed.all_reduced(elbo.loss_and_grads, shared))
         return counts, optim, svi
 
     def load(self, data, checkpoint) -> SVIInference:

@@ -20,6 +20,7 @@ import json
 import math
 import os
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -225,6 +226,8 @@ class Run:
         self.guide_spec, self.train, self._lock = guide_spec, train, lock
         self.inference = None
         self.data_name: str | None = None  # how messages name the training data
+        # constraint modules that processes reopening the run may import (``nproc > 1``)
+        self._allow_import: tuple = ()
 
     # ------------------------------------------------------------------ lifecycle
     def close(self) -> None:
@@ -298,6 +301,7 @@ class Run:
                 raise RunError(str(err)) from None
         run = cls(path, config, built, guide_spec, dataset)
         run.data_name = data_name
+        run._allow_import = ("*",)  # the spec's constraints: this process just imported them
         run._check_memory(max_bytes)
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -327,8 +331,9 @@ class Run:
 
     @classmethod
     def open(cls, path, *, device: str | None = None, writable: bool = False,
-             allow_import=(), max_bytes: int | None = None) -> Run:
-        """An existing run. ``writable``: take the lock (to resume training).
+             allow_import=(), max_bytes: int | None = None, trained: bool = True) -> Run:
+        """An existing run. ``writable``: take the lock (to resume training). ``trained=False``
+        also opens a run created but not trained yet (no ``checkpoint.pt``).
 
         :param allow_import: module names of constraints that may be imported although they
             are not installed packages (``"*"``: any); see :class:`~cgpyro.virtual.ImportPolicy`.
@@ -342,7 +347,8 @@ class Run:
             raise RunError(f"{path}: no such run directory")
         lock = _Lock(path) if writable else None
         try:
-            missing = [f for f in RUN_FILES if not (path / f).is_file()]
+            missing = [f for f in RUN_FILES if not (path / f).is_file()
+                       and (trained or f != "checkpoint.pt")]
             if missing:
                 raise RunError(f"{path}: not a run directory (missing {', '.join(missing)})")
             if writable:
@@ -370,7 +376,9 @@ class Run:
                     raise RunError(f"{path / (name + '.toml')}: edited since the run was "
                                    "trained (its SHA-256 differs from config.json's); restore "
                                    "it, or train a new run with the edited spec")
-            return cls(path, config, model, guide_spec, train, lock)
+            run = cls(path, config, model, guide_spec, train, lock)
+            run._allow_import = tuple(allow_import)
+            return run
         except BaseException:
             if lock is not None:
                 lock.release()
@@ -421,7 +429,8 @@ class Run:
                            "started on (or leave the data out)")
 
     def fit(self, *, steps: int | None = None, progress: bool = True, callbacks=(),
-            on_start=None, max_bytes: int | None = None, stop_on_signals: bool = False):
+            on_start=None, max_bytes: int | None = None, stop_on_signals: bool = False,
+            nproc: int = 1):
         """Train: from the start, or from ``checkpoint.pt`` where there is one (resume).
 
         :param steps: total steps (default: ``config.json``'s; more extends a finished run).
@@ -430,15 +439,22 @@ class Run:
             at the end of the current step; later ones wait until the checkpoint is saved.
             An interrupt after which the checkpoint holds the run raises ``KeyboardInterrupt``
             naming the step and the checkpoint.
+        :param nproc: data-parallel training on this many CPU processes (gloo; sequences
+            sharded, see :mod:`cgpyro._distributed`); ``callbacks`` and ``on_start`` then see
+            the trained state only (they run in this process, which does not train).
         :returns: the :class:`~cgpyro.inference.SVIInference`, trained.
         """
         if self._lock is None:
             raise RunError(f"{self.path}: opened read-only; open it with writable=True to train")
+        if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+            raise ValueError(f"nproc must be a positive integer, got {nproc!r}")
         resume = self.checkpoint if self.checkpoint.is_file() else None
         if steps is not None:
             self.config["steps"] = int(steps)
         if resume is not None:
             self._check_memory(max_bytes)
+        if nproc > 1:
+            return self._fit_parallel(nproc, progress)
         inference = self._inference(steps=self.config["steps"], progress=progress,
                                     callbacks=callbacks, checkpoint=True)
         self.inference = inference
@@ -457,6 +473,30 @@ class Run:
         finally:
             signals.restore()
         _write_text(self.path / "config.json", json.dumps(self.config, indent=2))
+        return inference
+
+    def _fit_parallel(self, nproc: int, progress: bool):
+        from . import _distributed
+
+        if self.config["device"] != "cpu":
+            raise RunError("data-parallel training (nproc > 1) runs CPU processes (gloo); "
+                           f"this run's device is {self.config['device']!r}")
+        if self.config["data_shape"][0] < nproc:
+            raise RunError(f"nproc={nproc}: more processes than the run's "
+                           f"{self.config['data_shape'][0]} sequences")
+        # the workers read the settings from the directory
+        _write_text(self.path / "config.json", json.dumps(self.config, indent=2))
+        start = time.perf_counter()
+        _distributed.spawn(self.path, nproc=nproc, steps=self.config["steps"],
+                           progress=progress, allow_import=self._allow_import)
+        inference = self._inference(steps=self.config["steps"], progress=False, callbacks=(),
+                                    checkpoint=True)
+        inference.load(self.train, self.checkpoint)
+        inference.fit_seconds = time.perf_counter() - start
+        self.inference = inference
+        if inference.step < inference.steps and not inference.converged:
+            raise KeyboardInterrupt(f"interrupted at step {inference.step}; checkpoint saved in "
+                                    f"{self.checkpoint}")
         return inference
 
     def resume(self, data=None, *, steps: int | None = None, **kwargs):

@@ -328,8 +328,8 @@ class FluxDrift(nn.Module):
       for every reach, ``jump_decay`` absent), ``δ ~ N(0, correction_scale)`` with
       ``jump_scale, correction_scale ~ HalfCauchy(hyper_prior_scale)``: the data decide how far
       the dynamics departs from locality and translation invariance. The linear part and its
-      scales are set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence with the
-      jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
+      scales are set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence
+      with the jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
     - dense correction (optional, ``dense``): a rate ``D_{i,j}`` from every bin ``j`` to every
       other bin ``i`` (site ``dense``, ``(B, B)``, diagonal unused) under ``N(0, dense_scale)``,
       held by empirical Bayes like δ: the non-local, non-equivariant departure that a
@@ -725,8 +725,9 @@ class FluxDrift(nn.Module):
 
     def _evidence_fit(self, G, r, yy, n_obs, groups):
         """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
-        1 δ, 2 memory, 3 dense — an absent group's entry is idle; with ``jump_prior="decay"`` the jumps' precision grows as
-        ``exp(jump_decay · (|k| - 1))``), and the noise precision maximise the evidence; returns
+        1 δ, 2 memory, 3 dense — an absent group's entry is idle; with ``jump_prior="decay"``
+        the jumps' precision grows as ``exp(jump_decay · (|k| - 1))``), and the noise precision
+        maximise the evidence; returns
         the values of :meth:`held_sites` and the Gaussian posterior
         ``(mean, Cholesky factor of cov)``."""
         n_groups = int(groups.max()) + 1
