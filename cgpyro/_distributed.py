@@ -9,7 +9,7 @@ every process takes the same optimizer step on the same summed gradient. Checkpo
 q(X) (and its optimizer state) on every process and rank 0 writes them, so a checkpoint is the
 one a single process would write and resumes on any number of processes.
 
-Launch with ``cgpyro train --nproc N`` (:func:`spawn`), or run a script under ``torchrun``
+Launch with ``cgpyro train --nproc N`` (:func:`processes`), or run a script under ``torchrun``
 that calls ``torch.distributed.init_process_group("gloo")`` and then
 :meth:`SVIInference.fit <cgpyro.inference.SVIInference.fit>` on the same data on every rank.
 """
@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
 
-__all__ = ["ScaleGlobal", "agree", "all_reduced", "gather_rows", "shard", "spawn", "world"]
+__all__ = ["ScaleGlobal", "agree", "all_reduced", "gather_rows", "processes", "shard", "world"]
 
 _PLATE = "sequences"
 
@@ -102,56 +103,74 @@ def agree(*flags: bool) -> list[bool]:
 
 
 # ------------------------------------------------------------------------ cgpyro train --nproc
-def _worker(rank: int, size: int, init_file: str, path: str, steps: int, progress: bool,
+def _worker(index: int, size: int, init_file: str, path: str, steps: int,
             allow_import: tuple) -> None:
+    """Rank ``index + 1`` of :func:`processes`: train the run in ``path`` beside rank 0."""
     from .run import Run, _StepBoundarySignals
 
     torch.set_num_threads(1)  # one core per process
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=index + 1,
                             world_size=size)
     try:
         run = Run.open(path, allow_import=allow_import, trained=False)
-        inference = run._inference(steps=steps, progress=progress and rank == 0,
-                                   callbacks=(), checkpoint=True)
-        signals = _StepBoundarySignals()
+        inference = run._inference(steps=steps, progress=False, callbacks=(), checkpoint=True)
+        signals = _StepBoundarySignals()  # Ctrl-C reaches every process: stop together
         signals.install(inference)
         try:
             inference.fit(run.train, resume=run.checkpoint if run.checkpoint.is_file() else None)
         except KeyboardInterrupt:
-            pass  # every process stopped at the same step and rank 0 saved it
+            pass  # every process stopped at the same step, and rank 0 saved it
         finally:
             signals.restore()
     finally:
         dist.destroy_process_group()
 
 
-def spawn(path, *, nproc: int, steps: int, progress: bool = True, allow_import=()) -> None:
-    """Train the run in ``path`` on ``nproc`` CPU processes (gloo backend), from its checkpoint
-    where there is one, up to ``steps``; rank 0 writes ``checkpoint.pt``. SIGINT and SIGTERM
-    are passed on to the processes, which stop together at a step boundary and save. The caller
-    holds the run's lock and reads the result from the checkpoint."""
-    import signal
-    import threading
-
+@contextmanager
+def processes(path, *, nproc: int, steps: int, allow_import=()) -> Iterator[None]:
+    """Inside the block this process is rank 0 of ``nproc`` CPU processes (gloo backend); the
+    other ``nproc - 1`` train the run in ``path`` (up to ``steps``, from its checkpoint where
+    there is one) while this one calls :meth:`SVIInference.fit
+    <cgpyro.inference.SVIInference.fit>` with the same settings and writes the checkpoint. An
+    exception here stops them."""
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:  # file:// rendezvous: no port to choose
-        context = mp.spawn(_worker, nprocs=nproc, join=False,
-                           args=(nproc, os.path.join(tmp, "rendezvous"), str(path), int(steps),
-                                 bool(progress), tuple(allow_import)))
-
-        def forward(signum, frame):
-            for process in context.processes:
-                if process.is_alive():
-                    os.kill(process.pid, signum)
-
-        previous = {}
-        if threading.current_thread() is threading.main_thread():
-            previous = {sig: signal.signal(sig, forward)
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        init_file = os.path.join(tmp, "rendezvous")
+        context = mp.start_processes(_worker, nprocs=nproc - 1, join=False,
+                                     start_method="spawn",
+                                     args=(nproc, init_file, str(path), int(steps),
+                                           tuple(allow_import)))
         try:
-            while not context.join():
-                pass
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old)
+            dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=0,
+                                    world_size=nproc)
+            try:
+                yield
+            finally:
+                dist.destroy_process_group()
+        except KeyboardInterrupt:  # agreed at a step boundary: they save and stop too
+            _join(context, timeout=120)
+            raise
+        except BaseException:
+            _join(context, timeout=0)
+            raise
+        _join(context, timeout=None)
+
+
+def _join(context, timeout: float | None) -> None:
+    """Wait for the processes (``None``: until they end, raising a failure of theirs); past
+    ``timeout`` seconds, terminate them."""
+    import time
+
+    end = None if timeout is None else time.monotonic() + timeout
+    while end is None or time.monotonic() < end:
+        try:
+            if context.join(timeout=1.0):
+                return
+        except Exception:
+            if end is None:
+                raise
+            return  # the caller's own exception is the one to report
+    for process in context.processes:
+        if process.is_alive():
+            process.terminate()

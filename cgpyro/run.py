@@ -14,13 +14,13 @@ wrong.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
 import math
 import os
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
@@ -439,9 +439,10 @@ class Run:
             at the end of the current step; later ones wait until the checkpoint is saved.
             An interrupt after which the checkpoint holds the run raises ``KeyboardInterrupt``
             naming the step and the checkpoint.
-        :param nproc: data-parallel training on this many CPU processes (gloo; sequences
-            sharded, see :mod:`cgpyro._distributed`); ``callbacks`` and ``on_start`` then see
-            the trained state only (they run in this process, which does not train).
+        :param nproc: data-parallel training on this many CPU processes (gloo; the sequences
+            split between them, see :mod:`cgpyro._distributed`): this process is rank 0 (its
+            ``inference`` holds every sequence's q(X) at the end), ``nproc - 1`` more are
+            started; SIGINT/SIGTERM then always stop at a step boundary.
         :returns: the :class:`~cgpyro.inference.SVIInference`, trained.
         """
         if self._lock is None:
@@ -453,18 +454,17 @@ class Run:
             self.config["steps"] = int(steps)
         if resume is not None:
             self._check_memory(max_bytes)
-        if nproc > 1:
-            return self._fit_parallel(nproc, progress)
         inference = self._inference(steps=self.config["steps"], progress=progress,
                                     callbacks=callbacks, checkpoint=True)
         self.inference = inference
         if on_start is not None:
             on_start(inference)
         signals = _StepBoundarySignals()
-        if stop_on_signals:
+        if stop_on_signals or nproc > 1:  # the processes stop together at a step boundary
             signals.install(inference)  # after on_start: its callback comes last
         try:
-            inference.fit(self.train, resume=resume)
+            with self._processes(nproc):
+                inference.fit(self.train, resume=resume)
         except KeyboardInterrupt:
             if self.checkpoint.is_file():
                 raise KeyboardInterrupt(f"interrupted at step {inference.step}; checkpoint "
@@ -475,7 +475,10 @@ class Run:
         _write_text(self.path / "config.json", json.dumps(self.config, indent=2))
         return inference
 
-    def _fit_parallel(self, nproc: int, progress: bool):
+    def _processes(self, nproc: int):
+        """The data-parallel processes of :meth:`fit` (this one is rank 0), or no-op."""
+        if nproc == 1:
+            return contextlib.nullcontext()
         from . import _distributed
 
         if self.config["device"] != "cpu":
@@ -484,20 +487,8 @@ class Run:
         if self.config["data_shape"][0] < nproc:
             raise RunError(f"nproc={nproc}: more processes than the run's "
                            f"{self.config['data_shape'][0]} sequences")
-        # the workers read the settings from the directory
-        _write_text(self.path / "config.json", json.dumps(self.config, indent=2))
-        start = time.perf_counter()
-        _distributed.spawn(self.path, nproc=nproc, steps=self.config["steps"],
-                           progress=progress, allow_import=self._allow_import)
-        inference = self._inference(steps=self.config["steps"], progress=False, callbacks=(),
-                                    checkpoint=True)
-        inference.load(self.train, self.checkpoint)
-        inference.fit_seconds = time.perf_counter() - start
-        self.inference = inference
-        if inference.step < inference.steps and not inference.converged:
-            raise KeyboardInterrupt(f"interrupted at step {inference.step}; checkpoint saved in "
-                                    f"{self.checkpoint}")
-        return inference
+        return _distributed.processes(self.path, nproc=nproc, steps=self.config["steps"],
+                                      allow_import=self._allow_import)
 
     def resume(self, data=None, *, steps: int | None = None, **kwargs):
         """Continue training from ``checkpoint.pt``; ``data`` (optional, a Dataset) must be the

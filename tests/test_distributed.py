@@ -115,3 +115,25 @@ def test_nproc_refuses_more_processes_than_sequences(small_data, tmp_path, capsy
     assert main(["train", "--data", str(small_data), "--out", str(tmp_path / "r"), "--steps",
                  "5", "--nproc", "9", "--quiet"]) != 0
     assert "more processes than the run's 8 sequences" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_every_process_at_the_same_step_and_resumes(small_data, tmp_path, capsys,
+                                                                 monkeypatch):
+    """SIGINT to rank 0 at the end of step 20: both processes stop there, rank 0 saves the
+    gathered checkpoint (every sequence's q(X)), and `--resume` on 2 processes finishes."""
+    import cgpyro.inference
+    from cgpyro.checkpoint import load_checkpoint
+    from tests.test_reliability import _CtrlCAt
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(cgpyro.inference, "SVIInference", _CtrlCAt)  # this process: rank 0
+    assert main(["train", "--data", str(small_data), "--out", str(run), "--steps", "40",
+                 "--model", "particles_paper", "--nproc", "2", "--quiet"]) == 130
+    assert "interrupted at step 20" in capsys.readouterr().err
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["step"] == 20 and len(state["loss_history"]) == 20
+    assert state["params"]["q.X_loc"].shape[0] == 8
+    monkeypatch.undo()
+    assert main(["train", "--resume", str(run), "--nproc", "2", "--quiet"]) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["step"] == 40 and len(state["loss_history"]) == 40
