@@ -555,6 +555,13 @@ class FluxDrift(nn.Module):
             feats.append(self._memory_window(dx))
         return torch.cat(feats, -1)
 
+    def _unbatched(self, theta: dict[str, torch.Tensor], memory: bool) -> bool:
+        """The linear part's θ has no leading (posterior-draw) axes."""
+        return (theta["jumps"].dim() == 1
+                and (not self.correction_radius or theta["delta"].dim() == 2)
+                and (not self.dense or theta["dense"].dim() == 2)
+                and (not memory or theta["memory"].dim() == 1))
+
     def linear(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
         """The jump part ``Σ_k r_{j-k,k} X_{j-k} - r_{j,k} X_j``, shape of ``x``."""
         B = self.n_bins
@@ -601,9 +608,21 @@ class FluxDrift(nn.Module):
                 x_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` (memory term;
         ``None``: no earlier state, no memory)."""
-        out = self.linear(x, theta)
-        if self.memory_on and x_prev is not None:
-            out = out + self._memory_term(x, x_prev, theta["memory"])
+        memory = self.memory_on and x_prev is not None
+        if self._unbatched(theta, memory):
+            # Without posterior-draw axes on θ the linear part is one (B, B) matrix: build it
+            # from the identity and multiply, instead of gathering (and, backwards,
+            # scattering) every jump of every state (SVI step of the default model on 64
+            # sequences: 14.8 -> 8.5 ms with the ELBO change of this commit).
+            eye = torch.eye(self.n_bins, dtype=x.dtype, device=x.device)
+            out = x @ self.linear(eye, theta)
+            if memory:
+                out = out + (x - x_prev) @ self._memory_term(eye, torch.zeros_like(eye),
+                                                              theta["memory"])
+        else:
+            out = self.linear(x, theta)
+            if memory:
+                out = out + self._memory_term(x, x_prev, theta["memory"])
         if self.channels:
             F_ = self.face_flux(x, theta, totals)
             out = out - (F_ - F_.roll(1, -1)) / self.n_bins

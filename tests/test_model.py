@@ -230,3 +230,29 @@ def test_memory_model_forms_have_the_same_joint_density(vectorized):
     # memory matters for the density (the equality above is not trivially true)
     theta["transition.drift.memory"] = torch.zeros(3, dtype=torch.float64)
     assert not torch.allclose(log_joint(model(True)), log_joint(model(vectorized)) + 1.0)
+
+
+def test_analytic_elbo_skips_the_unused_densities_and_computes_the_same_loss():
+    """Sites with a closed-form expectation (counts, constraints) are not evaluated; the loss
+    and its gradient are bit-identical to evaluating every site as ``Trace_ELBO`` does."""
+
+    class EveryDensity(AnalyticTraceELBO):
+        def _get_trace(self, model, guide, args, kwargs):
+            return Trace_ELBO._get_trace(self, model, guide, args, kwargs)
+
+    model = make_model(True, sigma_c=1e-3)
+    counts = make_counts(3, 4, total=500)
+    guide = LogNormalGuide(model, counts)
+    losses, grads = [], []
+    for elbo in (AnalyticTraceELBO(), EveryDensity()):
+        pyro.set_rng_seed(3)
+        loss = elbo.differentiable_loss(model, guide, counts)
+        params = list(guide.parameters())
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, params))
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))
+    model_trace, _ = AnalyticTraceELBO()._get_trace(model, guide, (counts,), {})
+    assert "log_prob" not in model_trace.nodes["counts"]
+    assert "log_prob" not in model_trace.nodes["vo.mass"]
+    assert "log_prob" in model_trace.nodes["X"]

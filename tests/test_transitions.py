@@ -187,8 +187,9 @@ def test_empirical_bayes_survives_noise_free_data():
              "delta": torch.zeros(B_SYN, 2, dtype=torch.float64)}
     x = states(4, B_SYN)
     path = [x]
-    for _ in range(9):
-        path.append(path[-1] + drift(path[-1], theta))
+    for _ in range(9):  # the gather form of the law: the fit's outcome on singular data
+        # depends on rounding (the matrix form, or 2 threads, give 1.2e-6 instead of 1e-15)
+        path.append(path[-1] + drift.linear(path[-1], theta))
     counts = torch.stack(path, 1) * 1e7
     values = drift.initial_fit(counts)
     assert all(torch.isfinite(v).all() for v in values.values())
@@ -403,3 +404,19 @@ def test_dense_correction_learns_a_nonlocal_law_and_stays_off_a_local_one():
 def test_dense_auto_stops_at_its_bin_budget():
     assert FluxDrift(32, dense="auto").dense and not FluxDrift(33, dense="auto").dense
     assert not FluxDrift(64, dense=False).dense and FluxDrift(64, dense=True).dense
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_linear_part_as_one_matrix_equals_the_gathered_form(dense):
+    """Unbatched θ takes the (B, B)-matrix form of the linear part (jumps, δ, dense, memory);
+    θ with a posterior-draw axis takes the gathered form: the same drift to rounding."""
+    drift = FluxDrift(B_SYN, radius=3, correction_radius=1, dense=dense, memory=True)
+    theta = random_theta(drift, seed=4)
+    x, x_prev = states(5, B_SYN, seed=1), states(5, B_SYN, seed=2)
+    assert drift._unbatched(theta, True)
+    batched = {k: v.unsqueeze(0) for k, v in theta.items()}
+    assert not drift._unbatched(batched, True)
+    one = drift(x, theta, x_prev=x_prev)
+    other = drift(x, batched, x_prev=x_prev).squeeze(0)
+    assert one.abs().max() > 1e-3  # the comparison is not between zeros
+    assert torch.allclose(one, other, rtol=0, atol=1e-15)
