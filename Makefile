@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 NB_STAMP := $(VENV)/.notebook-installed
 
 .PHONY: install test demo bench bench-matrix bench-curves bench-exclusion bench-peers \
-        bench-scale bench-simulate bench-gpu lint clean notebook
+        bench-scale bench-ddp bench-simulate bench-gpu lint clean notebook
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,8 @@ bench-peers: $(STAMP)       # pysindy + pydmd (the `bench` extra)
 	MPLBACKEND=Agg $(PY) benchmarks/bench_peers.py --write
 bench-scale: $(STAMP)
 	MPLBACKEND=Agg $(PY) benchmarks/bench_scale.py --sizes 64,1000,10000,100000 --out benchmarks/scale.md
+bench-ddp: $(STAMP)         # ~8 min: cgpyro train --nproc 1 and 2 on 1,000 sequences
+	MPLBACKEND=Agg $(PY) benchmarks/bench_ddp.py --out benchmarks/ddp.md
 bench-simulate: $(STAMP)
 	MPLBACKEND=Agg $(PY) benchmarks/bench_simulate.py --scale --write
 bench-gpu: $(STAMP)         # on a CUDA machine: writes benchmarks/gpu.md naming the card

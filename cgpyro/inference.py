@@ -590,6 +590,7 @@ class SVIInference:
         run.guide, run.steps, run._task = guide, steps, "inferring new sequences"
         run.callbacks, run.checkpoint, run.tol, run.progress = [], None, None, False
         run.step, run.loss_history, run.converged, run._last_saved = 0, [], False, None
+        run._world = (0, 1)  # after data-parallel training too: this process's own sequences
         optim = run._optimizer()
         run._loop(SVI(self.model, guide, optim, loss=self._elbo()), optim, counts, None)
         return guide

@@ -656,34 +656,48 @@ class FluxDrift(nn.Module):
         values, self.posterior = self._fit_linear(frac, self.memory_on, max_pairs)
         return values
 
-    def _fit_linear(self, frac, memory: bool, max_pairs: int):
+    def _pairs(self, frac, memory: bool):
+        """Regression pairs ``(x, dx, y)``, rows ``(sequence, time)`` sequence-major, each
+        ``(rows, B)``; ``dx`` (memory: pairs from t = 1 on, with the increment before them)
+        or ``None``."""
         B = self.n_bins
-        if memory:  # pairs from t = 1 on, with the increment before them
+        if memory:
             x, dx = frac[:, 1:-1].reshape(-1, B), (frac[:, 1:-1] - frac[:, :-2]).reshape(-1, B)
-            y = (frac[:, 2:] - frac[:, 1:-1]).reshape(-1, B)
-        else:
-            x, dx = frac[:, :-1].reshape(-1, B), None
-            y = (frac[:, 1:] - frac[:, :-1]).reshape(-1, B)
-        if x.shape[0] > max_pairs:  # evenly spread pairs: plenty for the few hundred weights
-            keep = torch.linspace(0, x.shape[0] - 1, max_pairs).round().long()
-            x, y = x[keep], y[keep]
-            dx = None if dx is None else dx[keep]
+            return x, dx, (frac[:, 2:] - frac[:, 1:-1]).reshape(-1, B)
+        return frac[:, :-1].reshape(-1, B), None, (frac[:, 1:] - frac[:, :-1]).reshape(-1, B)
+
+    def _groups(self, memory: bool) -> torch.Tensor:
+        B = self.n_bins
         groups = [0] * (2 * self.radius) + [1] * (B * 2 * self.correction_radius)
         if self.dense:
             groups += [3] * (B * (B - 1))
         if memory:
             groups += [2] * (2 * self.memory_radius + 1)
-        P = len(groups)
+        return torch.tensor(groups)
+
+    def _gram(self, x, dx, y, P: int) -> tuple:
+        """Sufficient statistics of the regression: ``(Φᵀ Φ, Φᵀ y, yᵀ y, number of y)``."""
         G = torch.zeros(P, P, dtype=torch.float64)
         r = torch.zeros(P, dtype=torch.float64)
-        chunk = max(1, 2**22 // (B * P))  # Gram statistics in bounded memory
+        chunk = max(1, 2**22 // (self.n_bins * P))  # in bounded memory
         with torch.no_grad():
             for i in range(0, x.shape[0], chunk):
                 Phi = self._features(x[i:i + chunk], None if dx is None else dx[i:i + chunk])
                 Phi = Phi.reshape(-1, P)
                 G += Phi.T @ Phi
                 r += Phi.T @ y[i:i + chunk].reshape(-1)
-        return self._evidence_fit(G, r, y.pow(2).sum(), y.numel(), torch.tensor(groups))
+        return G, r, y.pow(2).sum(), y.numel()
+
+    def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None):
+        groups = self._groups(memory)
+        if stats is None:
+            x, dx, y = self._pairs(frac, memory)
+            if x.shape[0] > max_pairs:  # evenly spread pairs: plenty for the few hundred weights
+                keep = torch.linspace(0, x.shape[0] - 1, max_pairs).round().long()
+                x, y = x[keep], y[keep]
+                dx = None if dx is None else dx[keep]
+            stats = self._gram(x, dx, y, len(groups))
+        return self._evidence_fit(*stats, groups)
 
     def _memory_helps(self, frac, max_pairs: int, max_folds: int = 5) -> bool:
         """Cross-validation with the one-standard-error rule: fit with and without memory on all
@@ -693,12 +707,25 @@ class FluxDrift(nn.Module):
         ties and noise)."""
         n = frac.shape[0]
         k = min(n, max_folds)
+        # Each fold's regression statistics once; a training set's are the sum over its folds
+        # (where it needs no subsampling of pairs), not a new pass over its features.
+        fold_stats = {}
+        for memory in (False, True):
+            x, dx, y = self._pairs(frac, memory)
+            fold = torch.arange(n).repeat_interleave(x.shape[0] // n) % k
+            P = len(self._groups(memory))
+            fold_stats[memory] = [self._gram(x[fold == f], None if dx is None else dx[fold == f],
+                                             y[fold == f], P) for f in range(k)]
         diff = torch.zeros(n, dtype=torch.float64)  # per sequence: error with - without
         for fold in range(k):
             held = torch.arange(fold, n, k)
             kept = torch.tensor([i for i in range(n) if i % k != fold])
             for memory, sign in ((False, -1.0), (True, 1.0)):
-                values, _ = self._fit_linear(frac[kept], memory, max_pairs)
+                others = [st for f, st in enumerate(fold_stats[memory]) if f != fold]
+                stats = None
+                if sum(st[3] for st in others) // self.n_bins <= max_pairs:
+                    stats = tuple(sum(parts) for parts in zip(*others, strict=True))
+                values, _ = self._fit_linear(frac[kept], memory, max_pairs, stats)
                 x_prev, x = frac[held, 0], frac[held, 1]
                 with torch.no_grad():
                     for t in range(2, frac.shape[1]):

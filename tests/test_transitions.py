@@ -420,3 +420,24 @@ def test_linear_part_as_one_matrix_equals_the_gathered_form(dense):
     other = drift(x, batched, x_prev=x_prev).squeeze(0)
     assert one.abs().max() > 1e-3  # the comparison is not between zeros
     assert torch.allclose(one, other, rtol=0, atol=1e-15)
+
+
+def test_cross_validation_sums_fold_statistics_to_the_direct_fit():
+    """The memory decision's training sets reuse per-fold regression statistics: summed over
+    the kept folds they give the same empirical-Bayes fit as a pass over the kept sequences."""
+    drift, counts = synthetic_counts(6)
+    drift.memory = True
+    frac = counts / counts.sum(-1, keepdim=True)
+    k, held_fold = 3, 1
+    x, dx, y = drift._pairs(frac, True)
+    fold = torch.arange(6).repeat_interleave(x.shape[0] // 6) % k
+    P = len(drift._groups(True))
+    stats = [drift._gram(x[fold == f], dx[fold == f], y[fold == f], P) for f in range(k)]
+    summed = tuple(sum(parts) for parts in zip(*(s for f, s in enumerate(stats)
+                                                  if f != held_fold), strict=True))
+    kept = torch.tensor([i for i in range(6) if i % k != held_fold])
+    direct, _ = drift._fit_linear(frac[kept], True, 8192)
+    reused, _ = drift._fit_linear(frac[kept], True, 8192, summed)
+    assert direct["memory"].abs().max() > 0  # memory weights are part of the comparison
+    for name, value in direct.items():
+        assert torch.allclose(reused[name], value, rtol=1e-8, atol=1e-12), name
