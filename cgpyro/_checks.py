@@ -8,10 +8,12 @@ positive integer, found 0``.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
-__all__ = ["check_int", "int_rule", "is_finite", "is_int", "is_real"]
+__all__ = ["check_int", "describe_invalid", "int_rule", "is_finite", "is_int", "is_invalid_values",
+           "is_real"]
 
 
 def is_int(x: object) -> bool:
@@ -40,3 +42,19 @@ def check_int(value: object, name: str, minimum: int = 1) -> int:
     if not is_int(value) or value < minimum:
         raise ValueError(f"{name}: expected {int_rule(minimum)}, found {value!r}")
     return int(value)
+
+
+def is_invalid_values(err: ValueError) -> bool:
+    """A distribution parameter holding NaN/inf (torch's validation), not a user mistake."""
+    text = str(err)
+    return "Expected parameter" in text and "found invalid values" in text
+
+
+def describe_invalid(err: ValueError) -> str:
+    """One line naming the parameter, distribution and site of an invalid-values error."""
+    text = " ".join(str(err).split())
+    site = re.search(r"at site '([^']+)'", text)
+    param = re.search(r"Expected parameter (\w+) .*? of distribution (\w+)", text)
+    what = f"parameter {param[1]!r} of the {param[2]}" if param else "a distribution parameter"
+    where = f" at site {site[1]!r}" if site else ""
+    return f"{what}{where} holds invalid values (NaN, inf or out of range)"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DataError", "Dataset", "load", "save", "validate"]
+__all__ = ["DataError", "Dataset", "as_counts", "load", "save", "validate"]
 
 SUFFIXES = (".npz", ".nc")
 _INT64_LIMIT = float(2**63)
@@ -474,3 +474,24 @@ def _write_netcdf(dataset: Dataset, path: Path) -> None:
         nc.create_variable("bin_edges", ("edge",), data=dataset.bin_edges, fillvalue=np.nan)
         nc.create_variable("dt", (), data=np.float64(dataset.dt), fillvalue=np.nan)
         nc.attrs["description"] = "cgpyro CG bin counts (sequence, time, bin)"
+
+
+def as_counts(data, device=None, dtype=None):
+    """Counts ``(n_sequences, n_times, n_bins)`` as a float tensor from a Dataset/array/tensor.
+
+    Arrays and tensors go through the data format's validation
+    (:func:`cgpyro.data.validate`: one-line :class:`~cgpyro.data.DataError`); a ``Dataset``
+    was validated when it was made. ``dtype`` defaults to ``torch.float64``.
+    """
+    import torch  # here: reading and writing data files does not need torch
+
+    dtype = torch.float64 if dtype is None else dtype
+    if isinstance(data, Dataset):
+        counts = data.counts
+    else:
+        if torch.is_tensor(data):
+            if data.dtype == torch.bool or data.is_complex():
+                raise DataError(f"counts: expected integer counts, found dtype {data.dtype}")
+            data = data.detach().cpu().numpy()
+        counts, _, _ = validate(data)
+    return torch.as_tensor(counts).to(dtype=dtype, device=device)

@@ -16,12 +16,12 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 
 from . import _distributed
-from ._checks import is_finite
+from ._checks import describe_invalid, is_finite, is_invalid_values
 from ._progress import anneal_end, phase, progress_bar
 from ._threads import with_auto_threads
 from ._warmstart import fit_drift_least_squares, hold_linear_part
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
-from .data import DataError, Dataset, validate
+from .data import DataError, as_counts
 from .elbo import AnalyticTraceELBO
 from .guides import AmortizedGuide, LogNormalGuide, own_parameters
 
@@ -30,39 +30,6 @@ __all__ = ["SVIInference", "NumericalError", "fit_drift_least_squares", "as_coun
 
 class NumericalError(RuntimeError):
     """The loss or a parameter became NaN or infinite during training."""
-
-
-def as_counts(data, device=None, dtype=torch.float64) -> torch.Tensor:
-    """Counts ``(n_sequences, n_times, n_bins)`` as a float tensor from a Dataset/array/tensor.
-
-    Arrays and tensors go through the data format's validation
-    (:func:`cgpyro.data.validate`: one-line :class:`~cgpyro.data.DataError`); a ``Dataset``
-    was validated when it was made.
-    """
-    if isinstance(data, Dataset):
-        counts = data.counts
-    else:
-        if torch.is_tensor(data):
-            if data.dtype == torch.bool or data.is_complex():
-                raise DataError(f"counts: expected integer counts, found dtype {data.dtype}")
-            data = data.detach().cpu().numpy()
-        counts, _, _ = validate(data)
-    return torch.as_tensor(counts).to(dtype=dtype, device=device)
-
-
-def _is_invalid_values(err: ValueError) -> bool:
-    """A distribution parameter holding NaN/inf (torch's validation), not a user mistake."""
-    text = str(err)
-    return "Expected parameter" in text and "found invalid values" in text
-
-
-def _describe_invalid(err: ValueError) -> str:
-    text = " ".join(str(err).split())
-    site = re.search(r"at site '([^']+)'", text)
-    param = re.search(r"Expected parameter (\w+) .*? of distribution (\w+)", text)
-    what = f"parameter {param[1]!r} of the {param[2]}" if param else "a distribution parameter"
-    where = f" at site {site[1]!r}" if site else ""
-    return f"{what}{where} holds invalid values (NaN, inf or out of range)"
 
 
 # --------------------------------------------------------------------------- SVI
@@ -385,9 +352,9 @@ class SVIInference:
                 try:
                     loss = svi.step(counts, **kwargs)
                 except ValueError as err:  # Pyro's argument validation met NaN/inf in the model
-                    if not _is_invalid_values(err):
+                    if not is_invalid_values(err):
                         raise
-                    self._numerical_failure(self.step + 1, _describe_invalid(err))
+                    self._numerical_failure(self.step + 1, describe_invalid(err))
                 self._set_lr(optim, self.step)
                 self.step += 1
                 self.loss_history.append(loss)

@@ -10,10 +10,11 @@ import torch
 from pyro import poutine
 from pyro.poutine.util import site_is_subsample
 
+from ._checks import describe_invalid, is_invalid_values
 from ._threads import with_auto_threads
 from .data import DataError
 from .guides import LogNormalGuide
-from .inference import NumericalError, _describe_invalid, _is_invalid_values, as_counts
+from .inference import NumericalError, as_counts
 
 __all__ = ["Forecast", "forecast", "posterior_samples", "sample_positions"]
 
@@ -128,9 +129,9 @@ def forecast(
         try:
             out = posterior_samples(model, guide, counts, num_samples, forecast=int(horizon))
         except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
-            if not _is_invalid_values(err):
+            if not is_invalid_values(err):
                 raise
-            raise NumericalError(f"forecast: {_describe_invalid(err)}; the trained parameters "
+            raise NumericalError(f"forecast: {describe_invalid(err)}; the trained parameters "
                                  "may have diverged (see the loss history)") from None
         x, m = out["X"], out["counts"]
         if horizon:
