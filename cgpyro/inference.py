@@ -446,6 +446,9 @@ class SVIInference:
         """Data parallel (an initialized process group of ``size``): the guide of this
         process's block of sequences, θ summed over processes (see :mod:`cgpyro._distributed`).
         The model's setup above ran on all the data, the same on every process."""
+        if self.device.type != "cpu":
+            raise ValueError("data-parallel training runs CPU processes (gloo backend); "
+                             f"got device {str(self.device)!r}")
         self._n_all, self._rows = len(counts), _distributed.shard(len(counts), rank, size)
         counts = counts[self._rows]
         self.guide = self._make_guide(counts, theta_init)
