@@ -707,12 +707,16 @@ class FluxDrift(nn.Module):
         ties and noise)."""
         n = frac.shape[0]
         k = min(n, max_folds)
-        # Each fold's regression statistics once; a training set's are the sum over its folds
-        # (where it needs no subsampling of pairs), not a new pass over its features.
-        fold_stats = {}
+        # Each fold's regression statistics once; a training set's are the sum over its folds,
+        # not a new pass over its features. Only where no training set needs subsampling of
+        # its pairs (else each fits max_pairs of them, as a direct fit does).
+        fold_stats = {False: None, True: None}
         for memory in (False, True):
             x, dx, y = self._pairs(frac, memory)
-            fold = torch.arange(n).repeat_interleave(x.shape[0] // n) % k
+            per_seq = x.shape[0] // n
+            if (n - n // k) * per_seq > max_pairs:  # the largest training set
+                continue
+            fold = torch.arange(n).repeat_interleave(per_seq) % k
             P = len(self._groups(memory))
             fold_stats[memory] = [self._gram(x[fold == f], None if dx is None else dx[fold == f],
                                              y[fold == f], P) for f in range(k)]
@@ -721,9 +725,9 @@ class FluxDrift(nn.Module):
             held = torch.arange(fold, n, k)
             kept = torch.tensor([i for i in range(n) if i % k != fold])
             for memory, sign in ((False, -1.0), (True, 1.0)):
-                others = [st for f, st in enumerate(fold_stats[memory]) if f != fold]
                 stats = None
-                if sum(st[3] for st in others) // self.n_bins <= max_pairs:
+                if fold_stats[memory] is not None:
+                    others = [st for f, st in enumerate(fold_stats[memory]) if f != fold]
                     stats = tuple(sum(parts) for parts in zip(*others, strict=True))
                 values, _ = self._fit_linear(frac[kept], memory, max_pairs, stats)
                 x_prev, x = frac[held, 0], frac[held, 1]

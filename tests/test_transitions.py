@@ -441,3 +441,21 @@ def test_cross_validation_sums_fold_statistics_to_the_direct_fit():
     assert direct["memory"].abs().max() > 0  # memory weights are part of the comparison
     for name, value in direct.items():
         assert torch.allclose(reused[name], value, rtol=1e-8, atol=1e-12), name
+
+
+def test_cross_validation_fits_at_most_max_pairs_per_training_set(monkeypatch):
+    """Fold statistics are summed only where no training set exceeds ``max_pairs`` pairs; a
+    larger data set fits evenly spread pairs per training set (bounded cost at 10^5
+    sequences), never a pass over every pair."""
+    drift, counts = synthetic_counts(6)
+    drift.memory = "auto"
+    frac = counts / counts.sum(-1, keepdim=True)
+    rows = []
+    gram = drift._gram
+    monkeypatch.setattr(drift, "_gram",
+                        lambda x, dx, y, P: rows.append(x.shape[0]) or gram(x, dx, y, P))
+    drift._memory_helps(frac, max_pairs=20)
+    assert len(rows) == 10 and max(rows) == 20  # 5 folds x with/without memory, subsampled
+    rows.clear()
+    drift._memory_helps(frac, max_pairs=8192)
+    assert len(rows) == 10 and sum(rows) == 6 * 9 + 6 * 8  # each fold once per variant
