@@ -85,7 +85,7 @@ def all_reduced(loss_and_grads, shared: Iterable[torch.Tensor]):
 def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
     """The rows ``(n, ...)`` of all processes from this process's block ``local`` (rows of
     :func:`shard`); every process gets the whole tensor."""
-    rank, size = world()
+    size = world()[1]
     blocks = [shard(n, r, size) for r in range(size)]
     most = max(b.stop - b.start for b in blocks)
     padded = local.new_zeros((most, *local.shape[1:]))

@@ -360,23 +360,23 @@ class SVIInference:
                 self.loss_history.append(loss)
                 # before the callbacks: an interrupt raised by one saves this step's verdict
                 self.converged = self._has_converged(scale)
-                if not parallel:
+                try:
                     stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
-                else:  # every process stops, is interrupted or fails at the same step
-                    try:
-                        stop = any(cb(self.step, loss, self) is True for cb in self.callbacks)
-                        interrupted = False
-                    except KeyboardInterrupt:
-                        stop, interrupted = True, True
-                    bad = self._nonfinite(loss, every_row=not subsample)
+                    interrupted = False
+                except KeyboardInterrupt:
+                    if not parallel:
+                        raise
+                    stop, interrupted = True, True
+                bad = self._nonfinite(loss, every_row=not subsample)
+                if parallel:  # every process stops, is interrupted or fails at the same step
                     stop, failed, interrupted = _distributed.agree(stop, bad is not None,
                                                                    interrupted)
-                    if failed:
-                        self._numerical_failure(self.step, bad or "a parameter of another "
-                                                "process is not finite")
-                    if interrupted:
-                        raise KeyboardInterrupt
-                self._check_finite(loss, every_row=not subsample)
+                    if failed and bad is None:
+                        bad = "a parameter of another process is not finite"
+                if bad:
+                    self._numerical_failure(self.step, bad)
+                if interrupted:
+                    raise KeyboardInterrupt
                 bar.update(1)
                 if self.step % 50 == 0:
                     bar.set_postfix(loss=f"{loss:.4g}", sigma_c=phase(self.step, annealed_at))
