@@ -17,6 +17,7 @@ from pyro.infer import SVI, Trace_ELBO
 from cgpyro.elbo import AnalyticTraceELBO
 from cgpyro.experiment import run_paper_experiment
 from cgpyro.guides import LogNormalGuide
+from cgpyro.inference import empirical_bayes
 from cgpyro.specs import load_model
 from cgpyro.systems import simulate_dataset
 
@@ -54,13 +55,11 @@ def step_cost(n_steps: int = 200) -> list[dict]:
             ("paper MLP, vectorized + Trace_ELBO", "particles_paper", True, Trace_ELBO),
             ("paper MLP, pyro.markov loop + Trace_ELBO", "particles_paper", False, Trace_ELBO)]:
         model = load_model(spec, n_bins=25)
-        if spec == "physics":  # its linear part is set by empirical Bayes before SVI
-            from cgpyro.inference import hold_linear_part
-
-            hold_linear_part(model, counts)
+        # θ set by empirical Bayes before SVI (σ_r, the physics drift's linear part) is held
+        held, _ = empirical_bayes(model, counts)
         model.vectorized = vectorized
         pyro.clear_param_store()
-        guide = LogNormalGuide(model, counts)
+        guide = LogNormalGuide(model, counts, theta_held=held)
         svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo())
         for _ in range(3):
             svi.step(counts)

@@ -1,8 +1,9 @@
 """Warm start of θ before SVI: least squares on the empirical bin fractions.
 
-:func:`fit_drift_least_squares` fits the drift network to pairs (or, for a flux drift, short
-rollouts) of empirical fractions; :func:`hold_linear_part` fixes the empirical-Bayes part of a
-drift that declares ``initial_fit``. Used by :class:`~cgpyro.inference.SVIInference`.
+:func:`empirical_bayes` sets the θ that are held during SVI (σ_r calibrated to the data, the
+empirical-Bayes part of a drift that declares ``initial_fit``); :func:`fit_drift_least_squares`
+fits the drift network to pairs (or, for a flux drift, short rollouts) of empirical fractions
+with those held. Used by :class:`~cgpyro.inference.SVIInference`; the model is not changed.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from .transitions import Drift
 
-__all__ = ["fit_drift_least_squares", "hold_linear_part"]
+__all__ = ["empirical_bayes", "fit_drift_least_squares"]
 
 
 def _identity_relu_init(drift: Drift, A: torch.Tensor, b: torch.Tensor, generator) -> dict:
@@ -58,20 +59,23 @@ def _lbfgs(params: dict[str, torch.Tensor], loss_fn, max_iter: int) -> bool:
 
 def fit_drift_least_squares(
     model, counts: torch.Tensor, theta: dict[str, torch.Tensor], max_iter: int = 300,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, held: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Warm start: fit θ_NN by least squares to pairs of empirical bin fractions.
 
     Minimizes ``Σ |m_{t+1}/N - m_t/N - NN(m_t/N)|²`` with L-BFGS from the closed-form ridge
     solution of the linear map (or, for a ReLU MLP without linear skip, from a network that
     computes that linear map exactly). Sets the transition noise from the residuals.
-    Returns a new θ dict (the input is not modified).
+    Returns a new θ dict of the sites neither fixed in the model nor ``held`` (the input is
+    not modified).
 
     :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
+    :param held: θ values held during SVI by site name (:func:`empirical_bayes`).
     """
     drift = model.transition.drift
+    fixed = {**model.fixed, **(held or {})}
     if hasattr(drift, "initial_fit"):
-        return _fit_flux_drift(model, counts, theta, max_iter)
+        return _fit_flux_drift(model, counts, theta, max_iter, fixed)
     B = drift.n_bins
     frac = counts / counts.sum(-1, keepdim=True)
     x = frac[:, :-1].reshape(-1, B).cpu()
@@ -96,7 +100,7 @@ def fit_drift_least_squares(
         init = _identity_relu_init(drift, A, b, generator)
         theta.update({f"transition.drift.{k}": v for k, v in init.items()})
 
-    names = [k for k in theta if k.startswith("transition.drift.") and k not in model.fixed]
+    names = [k for k in theta if k.startswith("transition.drift.") and k not in fixed]
     params = {k: theta[k].clone().requires_grad_(True) for k in names}
     scale = target.pow(2).mean().clamp_min(1e-30)
 
@@ -112,28 +116,38 @@ def fit_drift_least_squares(
                 if k.startswith("transition.drift.")}
         residuals = x + drift(x, full) - y
     for name, value in model.transition.noise_init(residuals).items():
-        if f"transition.{name}" not in model.fixed:
+        if f"transition.{name}" not in fixed:
             theta[f"transition.{name}"] = value
-    return theta
+    return {k: v for k, v in theta.items() if k not in fixed}
 
 
-def hold_linear_part(model, counts: torch.Tensor) -> None:
-    """Empirical Bayes for a drift that declares ``initial_fit`` (:class:`FluxDrift`).
+def empirical_bayes(model, counts: torch.Tensor) -> tuple[dict[str, torch.Tensor], tuple | None]:
+    """The θ that SVI holds at values set from the data, and the posterior behind them.
 
-    Deterministic in the data, so a resumed or reloaded run gets the same values: the held
-    sites are fixed in the model (``model.fix``) and have no guide parameters.
+    - ``transition.sigma_r`` at the transition's ``calibrated_sigma(counts)``, if it has one;
+    - the :meth:`~cgpyro.transitions.FluxDrift.held_sites` of a drift that declares
+      ``initial_fit`` (MAP-II scales, posterior-mean linear part).
+
+    Deterministic in the data, so a resumed or reloaded run gets the same values. Sites the
+    model fixes itself are left out. The guides hold these sites at these values (Delta
+    sites without parameters); the model is not changed.
+
+    :param counts: ``(n_sequences, n_times, n_bins)``.
+    :returns: ``(held, posterior)``: values by site name, and the Gaussian posterior of the
+        drift's linear part (``None`` without ``initial_fit``).
     """
+    held, posterior = {}, None
+    sigma_r = getattr(model.transition, "calibrated_sigma", lambda c: None)(counts)
+    if sigma_r is not None:
+        held["transition.sigma_r"] = sigma_r.detach().to(torch.float64).cpu()
     drift = getattr(model.transition, "drift", None)
-    if not hasattr(drift, "initial_fit"):
-        return
-    drift.calibrate(counts)
-    held = set(drift.held_sites())
-    for name, value in drift.initial_fit(counts).items():
-        if name in held:
-            model.fix(f"transition.drift.{name}", value)
+    if hasattr(drift, "initial_fit"):
+        values, posterior = drift.initial_fit(counts)
+        held.update({f"transition.drift.{name}": values[name] for name in drift.held_sites()})
+    return {k: v for k, v in held.items() if k not in model.fixed}, posterior
 
 
-def _fit_flux_drift(model, counts, theta, max_iter):
+def _fit_flux_drift(model, counts, theta, max_iter, fixed):
     """Warm start of a flux drift's network on multi-step rollouts of the empirical fractions.
 
     MAP with the linear part held: ``Σ |x̂_{t+h} - x_{t+h}|² / (2σ²) + Σ w² / (2 s_w²)`` over
@@ -146,8 +160,8 @@ def _fit_flux_drift(model, counts, theta, max_iter):
     frac = (counts / counts.sum(-1, keepdim=True)).cpu()
     totals = counts[:, 0].sum(-1).cpu()
     theta = {k: v.detach().clone().cpu() for k, v in theta.items()}
-    theta.update({k: v.cpu() for k, v in model.fixed.items() if k.startswith(pre)})
-    names = [k for k in theta if k.startswith(pre + "flux.") and k not in model.fixed]
+    theta.update({k: v.cpu() for k, v in fixed.items() if k.startswith(pre)})
+    names = [k for k in theta if k.startswith(pre + "flux.") and k not in fixed]
 
     def drift_theta(params):
         return {k[len(pre):]: params.get(k, theta[k]) for k in theta if k.startswith(pre)}
@@ -183,6 +197,6 @@ def _fit_flux_drift(model, counts, theta, max_iter):
         residuals = (step(x, drift_theta({}), before[:, :-1].transpose(0, 1))
                      - frac[:, 1:].transpose(0, 1)).reshape(-1, drift.n_bins)
     for name, value in model.transition.noise_init(residuals).items():
-        if f"transition.{name}" not in model.fixed:
+        if f"transition.{name}" not in fixed:
             theta[f"transition.{name}"] = value
-    return {k: v for k, v in theta.items() if k not in model.fixed}
+    return {k: v for k, v in theta.items() if k not in fixed}

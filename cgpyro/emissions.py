@@ -3,26 +3,25 @@
 An emission maps the CG state ``X_t`` (``(..., n_bins)``) and the particle total ``N`` to a
 distribution over the bin counts ``m(x_t)`` (event ``(n_bins,)``), the sufficient statistic of
 the FG state under eq. 17. A learned decoder implements the same interface and declares its
-θ_cf through :meth:`priors` / :meth:`init_values` (none here: eq. 17 has no parameters).
+θ_cf as ``PyroSample`` attributes (:meth:`cgpyro.transitions.ThetaModule.declare`, with
+:meth:`init_values`; none here: eq. 17 has no parameters).
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
+from ._sites import ThetaModule
 from .distributions import BinCounts
 
 __all__ = ["Emission", "MultinomialEmission", "NormalizedMultinomialEmission"]
 
 
-class Emission(nn.Module):
-    """Interface: ``forward(x, total_count, theta) -> Distribution`` over bin counts."""
+class Emission(ThetaModule):
+    """Interface: ``forward(x, total_count, theta) -> Distribution`` over bin counts, θ_cf by
+    relative site name."""
 
     needs_mass_constraint = False
-
-    def priors(self, dtype=torch.float64, device=None) -> dict:
-        return {}
 
     def init_values(self, generator=None, dtype=torch.float64) -> dict:
         return {}

@@ -89,19 +89,32 @@ class ThetaMAP(PyroModule):
     (default ``model.init_values()``); with ``values`` θ is held at those constants (no
     parameters), as for new sequences.
 
+    Sites in ``held`` are the θ that empirical Bayes sets from the data (MAP-II): constant
+    Delta sites marked ``is_auxiliary``, so that ``Predictive`` and replays of the model see
+    their values, while training conditions and hides them in the model (they are no part of
+    the ELBO; see :class:`~cgpyro.inference.SVIInference`).
+
+    ``linear_posterior`` (set by :class:`~cgpyro.inference.SVIInference`): the Gaussian
+    posterior behind the held linear part of a flux drift, ``(mean, Cholesky factor)``, for
+    forecasts with epistemic uncertainty (``None``: none).
+
     :param like: a tensor of the guide's dtype and device.
     """
 
-    def __init__(self, model, like: torch.Tensor, init=None, values=None):
+    def __init__(self, model, like: torch.Tensor, init=None, values=None, held=None):
         super().__init__()
         self.event_dims: dict[str, int] = {}
-        self.fixed_values = None if values is None else {}
+        self.constants: dict[str, torch.Tensor] = {}
+        self.held = {k: v.to(like) for k, v in (held or {}).items()}
+        self.linear_posterior = None
         for name, prior in model.priors(like.dtype, like.device).items():
             if name in model.fixed:
                 continue
             self.event_dims[name] = prior.event_dim
+            if name in self.held:
+                continue
             if values is not None:
-                self.fixed_values[name] = values[name].to(like)
+                self.constants[name] = values[name].to(like)
                 continue
             if init is None:
                 init = model.init_values(dtype=like.dtype)
@@ -109,16 +122,19 @@ class ThetaMAP(PyroModule):
                                                prior.event_dim))
 
     def _value(self, name: str) -> torch.Tensor:
-        if self.fixed_values is not None:
-            return self.fixed_values[name]
+        if name in self.held:
+            return self.held[name]
+        if name in self.constants:
+            return self.constants[name]
         return operator.attrgetter(name)(self)
 
     def forward(self) -> None:
         for name, event_dim in self.event_dims.items():
-            pyro.sample(name, dist.Delta(self._value(name), event_dim=event_dim))
+            infer = {"is_auxiliary": True} if name in self.held else {}
+            pyro.sample(name, dist.Delta(self._value(name), event_dim=event_dim), infer=infer)
 
     def values(self) -> dict[str, torch.Tensor]:
-        """θ_MAP (detached) of the unfixed sites, by site name."""
+        """θ_MAP (detached) of the unfixed sites, held ones included, by site name."""
         return {name: self._value(name).detach() for name in self.event_dims}
 
 
@@ -253,21 +269,22 @@ class LogNormalGuide(_Guide):
 
     Parameters: ``{prefix}.X_loc`` and ``{prefix}.X_log_scale`` (the log of the scale) of
     shape ``(n_sequences, n_times, n_bins)``, and ``theta.{site}`` (the :class:`ThetaMAP` part) for
-    every unfixed parameter site of the model. With ``theta_values`` θ is fixed (no θ
-    parameters), which is how new sequences are fitted.
+    every unfixed parameter site of the model that is not held. With ``theta_values`` θ is
+    fixed (no θ parameters), which is how new sequences are fitted.
 
     :param model: the :class:`~cgpyro.model.CGModel`.
     :param counts: counts ``(n_sequences, n_times, n_bins)`` used to initialize q(X); they fix
         the guide's dtype and device.
     :param theta_init: initial values of θ by site name (default: ``model.init_values()``).
     :param theta_values: if given, θ is fixed to these values.
+    :param theta_held: θ held at these values by site name (see :class:`ThetaMAP`).
     """
 
     def __init__(self, model, counts: torch.Tensor, theta_init=None, theta_values=None,
-                 prefix: str = "q"):
+                 prefix: str = "q", theta_held=None):
         super().__init__(model, counts, prefix)
         self.n_sequences, self.n_times, self.n_bins = counts.shape
-        self.theta = ThetaMAP(model, counts, theta_init, theta_values)
+        self.theta = ThetaMAP(model, counts, theta_init, theta_values, theta_held)
         self.init_loc, scale = init_states_from_counts(counts)
         self.add_module(prefix, _LogNormalStates(self.init_loc, scale, model.vectorized))
         self.init_scale = scale
@@ -364,10 +381,11 @@ class AmortizedGuide(_Guide):
     :param hidden: width of the two hidden layers (int) or the list of widths.
     :param window: half-width ``w`` of the window of snapshots seen per time (``>= 0``).
     :param theta_values: if given, θ is fixed to these values.
+    :param theta_held: θ held at these values by site name (see :class:`ThetaMAP`).
     """
 
     def __init__(self, model, counts: torch.Tensor, theta_init=None, hidden=64, window: int = 3,
-                 prefix: str = "amortized", theta_values=None):
+                 prefix: str = "amortized", theta_values=None, theta_held=None):
         if isinstance(hidden, int):
             hidden = (hidden, hidden)
         hidden = tuple(hidden)
@@ -387,7 +405,7 @@ class AmortizedGuide(_Guide):
                                                                 device=counts.device)
         to_pyro_module_(net)  # in place: its layers' parameters are named {prefix}.…
         self.add_module(prefix, net)
-        self.theta = ThetaMAP(model, counts, theta_init, theta_values)
+        self.theta = ThetaMAP(model, counts, theta_init, theta_values, theta_held)
 
     @property
     def net(self) -> nn.Module:
@@ -466,9 +484,9 @@ class CGAutoGuide(_Guide):
     autoguide ``q`` on the states (params ``q.…``), composed as in ``AutoGuideList``."""
 
     def __init__(self, model, counts: torch.Tensor, theta_init=None, kind: str = "normal",
-                 rank: int = 10):
+                 rank: int = 10, theta_held=None):
         super().__init__(model, counts, "q")
-        self.theta = ThetaMAP(model, counts, theta_init)
+        self.theta = ThetaMAP(model, counts, theta_init, held=theta_held)
         loc, scale = init_states_from_counts(counts)
         values = {**self.theta.values(), "X": loc.exp()}  # X: the median of the lognormal start
         init_fn = init_to_value(values=values)
@@ -506,7 +524,7 @@ class CGAutoGuide(_Guide):
 
 
 def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal",
-               rank: int = 10) -> CGAutoGuide:
+               rank: int = 10, theta_held=None) -> CGAutoGuide:
     """A Pyro autoguide on ``X`` (``AutoNormal`` or a low-rank MVN) with MAP θ (:class:`ThetaMAP`).
 
     The states are Gaussian in ``log X`` (the support of ``X`` is positive), initialized like
@@ -516,6 +534,7 @@ def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal
     Vectorized models only.
 
     :param counts: ``(n_sequences, n_times, n_bins)``; the guide is tied to these sequences.
+    :param theta_held: θ held at these values by site name (see :class:`ThetaMAP`).
     """
     if not model.vectorized:
         raise ValueError("auto_guide needs the vectorized model (vectorized = true)")
@@ -523,7 +542,7 @@ def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal
         raise ValueError(f"kind must be 'normal' or 'lowrank', got {kind!r}")
     if not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    return CGAutoGuide(model, counts, theta_init, kind, rank)
+    return CGAutoGuide(model, counts, theta_init, kind, rank, theta_held)
 
 
 # =========================================================================== helpers

@@ -13,19 +13,22 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from . import _distributed
 from ._checks import describe_invalid, is_finite, is_invalid_values
 from ._progress import anneal_end, phase, progress_bar
 from ._threads import with_auto_threads
-from ._warmstart import fit_drift_least_squares, hold_linear_part
+from ._warmstart import empirical_bayes, fit_drift_least_squares
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataError, as_counts
 from .elbo import AnalyticTraceELBO
 from .guides import AmortizedGuide, LogNormalGuide, own_parameters
+from .virtual import annealing
 
-__all__ = ["SVIInference", "NumericalError", "fit_drift_least_squares", "as_counts"]
+__all__ = ["SVIInference", "NumericalError", "as_counts", "empirical_bayes",
+           "fit_drift_least_squares"]
 
 
 class NumericalError(RuntimeError):
@@ -77,7 +80,9 @@ class SVIInference:
 
     :param model: the model.
     :param guide: ``"lognormal"`` (the paper's guide) or a factory
-        ``guide(model, counts, theta_init) -> guide``.
+        ``guide(model, counts, theta_init, theta_held=...) -> guide`` (``theta_held``, passed
+        when the model has such sites: θ set from the data by empirical Bayes, which the guide
+        holds as constant Delta sites; see :class:`~cgpyro.guides.ThetaMAP`).
     :param steps: total SVI steps (a resumed run continues up to this number).
     :param lr: Adam step size of the local (per sequence) variational parameters.
     :param lr_theta: Adam step size of θ (default ``lr / 10``).
@@ -169,12 +174,29 @@ class SVIInference:
 
     # ------------------------------------------------------------------ helpers
     def _make_guide(self, counts, theta_init):
+        held = {k: v.to(counts) for k, v in self._held.items()}
         if self.guide_factory == "lognormal":
-            return LogNormalGuide(self.model, counts, theta_init=theta_init)
-        if callable(self.guide_factory):
-            return self.guide_factory(self.model, counts, theta_init)
-        raise ValueError("guide must be 'lognormal' or a factory callable, "
-                         f"got {self.guide_factory!r}")
+            guide = LogNormalGuide(self.model, counts, theta_init=theta_init, theta_held=held)
+        elif callable(self.guide_factory):
+            # theta_held only where there are held sites: three-argument factories still work
+            # for models without any
+            guide = self.guide_factory(self.model, counts, theta_init,
+                                       **({"theta_held": held} if held else {}))
+        else:
+            raise ValueError("guide must be 'lognormal' or a factory callable, "
+                             f"got {self.guide_factory!r}")
+        guide.theta.linear_posterior = self._posterior
+        return guide
+
+    def _training_pair(self, guide, held: dict[str, torch.Tensor]):
+        """``(model, guide)`` for SVI: the ``held`` θ conditioned and hidden in the model
+        (``poutine.condition`` + ``poutine.block``) and hidden in the guide, so that they are
+        constants outside the ELBO, and the user's model object is not changed."""
+        if not held:
+            return self.model, guide
+        held = {k: v.to(device=self.device) for k, v in held.items()}
+        return (poutine.block(poutine.condition(self.model, data=held), hide=list(held)),
+                poutine.block(guide, hide=list(held)))
 
     def _elbo(self):
         cls = AnalyticTraceELBO if self.elbo == "analytic" else Trace_ELBO
@@ -200,11 +222,6 @@ class SVIInference:
         return pyro.optim.LambdaLR({"optimizer": _adam,
                                     "optim_args": self._optim_args,
                                     "lr_lambda": self._lr_factor})
-
-    def _anneal(self, step: int) -> None:
-        progress = step / self.steps
-        for vo in self.model.virtual_observables:
-            vo.anneal(progress)
 
     def _set_lr(self, optim, step: int) -> None:
         """The lr for the step after ``step``: one step of every parameter's scheduler."""
@@ -348,9 +365,9 @@ class SVIInference:
         annealed_at = anneal_end(self.model.virtual_observables, self.steps)
         try:
             while self.step < self.steps and not self.converged:
-                self._anneal(self.step)
                 try:
-                    loss = svi.step(counts, **kwargs)
+                    with annealing(self.step / self.steps):
+                        loss = svi.step(counts, **kwargs)
                 except ValueError as err:  # Pyro's argument validation met NaN/inf in the model
                     if not is_invalid_values(err):
                         raise
@@ -392,7 +409,6 @@ class SVIInference:
         finally:
             bar.close()
             self.fit_seconds += time.perf_counter() - start
-        self._anneal(self.steps)  # leave σ_c at its final value for prediction
         if subsample:
             self._check_finite(None)
         self._save(optim)
@@ -407,13 +423,9 @@ class SVIInference:
             raise DataError(f"counts: expected {self.model.n_bins} bins (the model's n_bins), "
                             f"found {counts.shape[-1]}")
         self.model.to(self.device)
-        sigma_r = getattr(self.model.transition, "calibrated_sigma", lambda c: None)(counts)
-        if sigma_r is not None:
-            self.model.fix("transition.sigma_r", sigma_r.item())
-        if getattr(self.model.emission, "needs_mass_constraint", False):
-            for vo in self.model.virtual_observables:
-                vo.calibrate(counts.sum(-1).max().item())
-        hold_linear_part(self.model, counts)
+        # θ set from the data and held (σ_r, the empirical-Bayes linear part): the guide holds
+        # them, the model is not changed
+        self._held, self._posterior = empirical_bayes(self.model, counts)
         pyro.clear_param_store()
         pyro.set_rng_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
@@ -424,13 +436,13 @@ class SVIInference:
             every = torch.linspace(0, len(counts) - 1, _WARM_START_SEQUENCES).round().long() \
                 if len(counts) > _WARM_START_SEQUENCES else slice(None)
             theta_init = fit_drift_least_squares(self.model, counts[every], theta_init,
-                                                 generator=gen)
+                                                 generator=gen, held=self._held)
         self._world = rank, size = _distributed.world()
         self._theta_init = theta_init
         if size == 1:
             self.guide = self._make_guide(counts, theta_init)
             optim = self._optimizer()
-            svi = SVI(self.model, self.guide, optim, loss=self._elbo())
+            svi = SVI(*self._training_pair(self.guide, self._held), optim, loss=self._elbo())
         else:
             counts, optim, svi = self._setup_shard(counts, theta_init, rank, size)
             if payload is not None:
@@ -463,7 +475,8 @@ class SVIInference:
         pyro.set_rng_seed(self.seed + rank)  # independent draws of q(X) per process
         optim, elbo = self._optimizer(), self._elbo()
         scale = _distributed.ScaleGlobal(1.0 / size)
-        svi = SVI(scale(self.model), scale(self.guide), optim, loss=elbo.loss,
+        model, guide = self._training_pair(self.guide, self._held)
+        svi = SVI(scale(model), scale(guide), optim, loss=elbo.loss,
                   loss_and_grads=_distributed.all_reduced(elbo.loss_and_grads, shared))
         return counts, optim, svi
 
@@ -473,8 +486,6 @@ class SVIInference:
         No training happens; ``guide``, ``loss_history`` and ``step`` are as saved.
         """
         self._setup(data, load_checkpoint(checkpoint))
-        for vo in self.model.virtual_observables:
-            vo.anneal(1.0)
         return self
 
     def _has_converged(self, scale: int) -> bool:
@@ -548,8 +559,10 @@ class SVIInference:
         # Seeded: the states of new sequences do not depend on what ran before (the CLI's
         # predict and the Python API give the same forecast for the same seed).
         pyro.set_rng_seed(self.seed)
+        held = self.guide.theta.held
         guide = LogNormalGuide(self.model, counts, theta_values=self.guide.theta_map(),
-                               prefix=prefix)
+                               prefix=prefix, theta_held=held)
+        guide.theta.linear_posterior = self.guide.theta.linear_posterior
         store = pyro.get_param_store()
         for name in own_parameters(guide):  # start from the counts, not an earlier fit's states
             if name in store:
@@ -562,5 +575,6 @@ class SVIInference:
         run.step, run.loss_history, run.converged, run._last_saved = 0, [], False, None
         run._world = (0, 1)  # after data-parallel training too: this process's own sequences
         optim = run._optimizer()
-        run._loop(SVI(self.model, guide, optim, loss=self._elbo()), optim, counts, None)
+        run._loop(SVI(*self._training_pair(guide, held), optim, loss=self._elbo()), optim,
+                  counts, None)
         return guide

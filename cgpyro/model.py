@@ -3,26 +3,52 @@
 from __future__ import annotations
 
 import math
+import operator
+from contextlib import nullcontext
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.distributions.transforms import transform_to
+from pyro.nn import PyroModule, pyro_method
+from pyro.poutine.messenger import Messenger
+from torch import nn
 
+from . import _sites
 from .distributions import MarkovChain
 from .emissions import Emission, MultinomialEmission
-from .transitions import GaussianTransition, Hierarchical, _prefixed
+from .transitions import GaussianTransition
 from .virtual import VirtualObservable
 
 __all__ = ["CGModel"]
 
 
+class _Prototype(Messenger):
+    """Gives every sample site without a value a point of its support instead of a draw (no
+    RNG; on real supports a zero-stride zero tensor, so that huge weights cost nothing)."""
+
+    def _pyro_sample(self, msg):
+        if msg["value"] is not None:
+            return
+        fn = msg["fn"]
+        support = fn.support
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        zero = _sites.const(0.0).expand(fn.shape())
+        msg["value"] = zero if support is constraints.real \
+            else transform_to(fn.support)(zero.clone())
+
+
 class CGModel(PyroModule):
     r"""Generative model ``p(x̂_{0:T}, ĉ_{0:T}, X_{0:T}, θ)`` for ``n`` sequences (eq. 9-13).
 
-    - ``θ ~ p(θ)``: every parameter site declared by the transition (θ_NN, σ_r), the emission
-      (θ_cf) and learnable virtual observables (σ_c); names in :meth:`priors`. Values in
-      ``fixed`` replace their site (footnote 1 of the paper).
+    - ``θ ~ p(θ)``: the ``PyroSample`` attributes of the submodules (θ_NN, σ_r and hyperpriors
+      of the transition, θ_cf of the emission, σ_c of learnable virtual observables), each a
+      site named by its module path, e.g. ``transition.drift.jumps``, ``vo.{name}.sigma``
+      (:meth:`site_names`, :meth:`priors`). Values in ``fixed`` condition their site and hide
+      it from the trace (``poutine.condition`` + ``poutine.block``: footnote 1 of the paper).
     - ``X_0 ~ LogNormal(log(1/n_bins), x0_scale)`` per bin, then ``X_{t+1} ~ p(X_{t+1} | X_t)``.
     - ``m_t ~ p_cf(m_t | X_t)`` (site ``counts``), the FG data through its bin counts.
     - ``0 ~ N(c(X_t), σ_c²)`` for every virtual observable (site ``vo.{name}``).
@@ -51,24 +77,45 @@ class CGModel(PyroModule):
         self.n_bins = int(n_bins)
         self.transition = transition
         self.emission = emission if emission is not None else MultinomialEmission()
-        self.virtual_observables = torch.nn.ModuleList(virtual_observables)
+        names = [vo.name for vo in virtual_observables]
+        for name in names:
+            if not (isinstance(name, str) and name and "." not in name) \
+                    or names.count(name) > 1:
+                raise ValueError(f"virtual observables need distinct names without '.', got "
+                                 f"{names}")
+        # a ModuleDict by name: the site of a learned σ_c is vo.{name}.sigma
+        self.vo = PyroModule[nn.ModuleDict]({vo.name: vo for vo in virtual_observables})
         self.x0_scale = float(x0_scale)
         self.vectorized = bool(vectorized)
         self.fixed = {}
         for name, value in (fixed or {}).items():
             self.fix(name, value)
 
+    @property
+    def virtual_observables(self) -> tuple[VirtualObservable, ...]:
+        """The virtual observables, in the order given."""
+        return tuple(self.vo.values())
+
     # ----------------------------------------------------------------- parameters θ
+    def site_names(self) -> list[str]:
+        """Names of all parameter sites θ (fixed ones included), parents before children."""
+        return [f"{prefix}.{name}" for prefix, module in self.named_modules()
+                for name in getattr(module, "declared_sites", ())]
+
+    @pyro_method
+    def _read_theta(self) -> dict[str, torch.Tensor]:
+        # each attribute read is the site's pyro.sample (once per model call: PyroModule caches)
+        return {name: operator.attrgetter(name)(self) for name in self.site_names()}
+
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
-        """Priors of all parameter sites θ, by site name (fixed ones included)."""
-        priors = _prefixed(self.transition.priors(dtype, device), "transition.")
-        priors.update({f"emission.{k}": v for k, v in self.emission.priors(dtype, device).items()})
-        for vo in self.virtual_observables:
-            if vo.learn:
-                priors[f"vo.{vo.name}.sigma"] = dist.HalfCauchy(
-                    torch.tensor(1.0, dtype=dtype, device=device)
-                )
-        return priors
+        """The prior of every θ site (fixed ones included), by site name; a hierarchical
+        prior is evaluated at its parents' fixed values or at a point of their support (its
+        support and event shape do not depend on them). Draws nothing, allocates no weights."""
+        like = torch.zeros((), dtype=dtype, device=device)
+        fixed = {k: v.to(like) for k, v in self.fixed.items()}
+        with _sites.like(like), _Prototype(), poutine.condition(data=fixed):
+            trace = poutine.trace(self._read_theta).get_trace()
+        return {name: trace.nodes[name]["fn"] for name in self.site_names()}
 
     def init_values(self, generator=None, dtype=torch.float64) -> dict[str, torch.Tensor]:
         """Default initial values of θ (random network weights), by site name."""
@@ -84,21 +131,21 @@ class CGModel(PyroModule):
         return values
 
     def fix(self, name: str, value) -> None:
-        """Fix parameter ``name`` to ``value``: its site is removed from the model."""
-        if name not in self.priors():
+        """Fix parameter ``name`` to ``value``: its site is conditioned and hidden."""
+        if name not in self.site_names():
             raise ValueError(f"cannot fix {name!r}: not a parameter site of this model; "
-                             f"sites are {sorted(self.priors())}")
+                             f"sites are {sorted(self.site_names())}")
         self.fixed[name] = torch.as_tensor(value, dtype=torch.float64)
 
-    def sample_theta(self, dtype=torch.float64, device=None) -> dict[str, torch.Tensor]:
-        theta = {}
-        for name, prior in self.priors(dtype, device).items():
-            if name in self.fixed:
-                theta[name] = self.fixed[name].to(dtype=dtype, device=device)
-            else:  # a hierarchical prior follows its parents in the dict's order
-                fn = prior(theta) if isinstance(prior, Hierarchical) else prior
-                theta[name] = pyro.sample(name, fn)
-        return theta
+    def sample_theta(self, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """θ by site name (the sites' ``pyro.sample`` statements; fixed values included), in
+        the dtype and device of ``like``."""
+        with _sites.like(like):
+            if not self.fixed:
+                return self._read_theta()
+            fixed = {k: v.to(like) for k, v in self.fixed.items()}
+            with poutine.block(hide=list(fixed)), poutine.condition(data=fixed):
+                return self._read_theta()
 
     # ----------------------------------------------------------------- densities
     def initial(self, batch_shape, dtype=torch.float64, device=None) -> dist.Distribution:
@@ -117,9 +164,10 @@ class CGModel(PyroModule):
     def _part(self, theta, prefix):
         return {k[len(prefix):]: v for k, v in theta.items() if k.startswith(prefix)}
 
-    def _vo_factors(self, x, theta, event_dim, suffix=""):
+    def _vo_factors(self, x, theta, event_dim, max_total, suffix=""):
         for vo in self.virtual_observables:
-            sigma = theta.get(f"vo.{vo.name}.sigma", vo.sigma).to(x)
+            sigma = theta.get(f"vo.{vo.name}.sigma")
+            sigma = x.new_tensor(vo.tolerance(max_total)) if sigma is None else sigma.to(x)
             c = vo(x)
             fn = dist.Normal(c, sigma).to_event(event_dim)
             infer = {}
@@ -148,7 +196,8 @@ class CGModel(PyroModule):
         :param forecast: number of coarse steps ``P`` to roll past the last snapshot.
         :param subsample_size: mini-batch size over sequences (``None``: all).
         :param resample_observed: sample the ``counts`` sites from p_cf even where observed
-            (posterior predictive reconstruction of the FG bin counts).
+            (``poutine.uncondition``: posterior predictive reconstruction of the FG bin
+            counts).
         :returns: the states ``X`` of shape ``(n_sequences, n_times + P, n_bins)``.
         """
         if counts is not None:
@@ -163,14 +212,15 @@ class CGModel(PyroModule):
                 raise ValueError("without counts, pass totals (n_sequences,) and n_times")
             dtype, device = totals.dtype, totals.device
             n_seq = totals.shape[0]
-        theta = self.sample_theta(dtype, device)
+        theta = self.sample_theta(torch.zeros((), dtype=dtype, device=device))
+        # the mass constraint's σ_c is capped for the data's largest snapshot (eq. 17)
+        max_total = float(totals.max()) if self.emission.needs_mass_constraint else None
         trans_theta = self._part(theta, "transition.")
         emis_theta = self._part(theta, "emission.")
 
         with pyro.plate("sequences", n_seq, subsample_size=subsample_size, dim=-1) as idx:
-            obs = None
-            if counts is not None and not resample_observed:
-                obs = counts[idx]
+            obs = None if counts is None else counts[idx]
+            resample = poutine.uncondition() if resample_observed else nullcontext()
             n_tot = totals[idx]
 
             order = getattr(self.transition, "order", 1)
@@ -186,11 +236,12 @@ class CGModel(PyroModule):
                     infer["expected_log_prob"] = (  # closed form for AnalyticTraceELBO
                         lambda loc, scale: self.emission.expected_log_prob(obs, loc, scale).sum(-1)
                     )
-                pyro.sample(
-                    "counts", self.emission(X, n_tot.unsqueeze(-1), emis_theta).to_event(1),
-                    obs=obs, infer=infer,
-                )
-                self._vo_factors(X, theta, event_dim=2)
+                with resample:
+                    pyro.sample(
+                        "counts", self.emission(X, n_tot.unsqueeze(-1), emis_theta).to_event(1),
+                        obs=obs, infer=infer,
+                    )
+                self._vo_factors(X, theta, event_dim=2, max_total=max_total)
             else:
                 states, prev = [], None
                 for t in pyro.markov(range(n_times), history=order):
@@ -199,11 +250,13 @@ class CGModel(PyroModule):
                     else:  # an order-2 law sees X_{-1} = X_0 at its first step (MarkovChain)
                         fn = step(prev, states[-2] if order == 2 and t > 1 else prev)
                     prev = pyro.sample(f"X_{t}", fn)
-                    pyro.sample(
-                        f"counts_{t}", self.emission(prev, n_tot, emis_theta),
-                        obs=None if obs is None else obs[..., t, :],
-                    )
-                    self._vo_factors(prev, theta, event_dim=1, suffix=f"_{t}")
+                    with resample:
+                        pyro.sample(
+                            f"counts_{t}", self.emission(prev, n_tot, emis_theta),
+                            obs=None if obs is None else obs[..., t, :],
+                        )
+                    self._vo_factors(prev, theta, event_dim=1, max_total=max_total,
+                                     suffix=f"_{t}")
                     states.append(prev)
                 X = torch.stack(states, -2)
             if forecast:

@@ -115,40 +115,39 @@ def forecast(
                         "(fit new sequences first: cgpyro.guides.guide_for_new_sequences)")
     totals = counts[:, 0].sum(-1)
     pyro.set_rng_seed(seed)
-    saved = dict(model.fixed)
     drift = getattr(model.transition, "drift", None)
+    posterior = getattr(getattr(guide, "theta", None), "linear_posterior", None)
     if epistemic is None:  # with one sequence a point estimate of θ makes the bands too narrow
-        epistemic = getattr(drift, "posterior", None) is not None
+        epistemic = posterior is not None
+    draws = {}
     if epistemic:
-        if not hasattr(drift, "sample_linear"):
+        if posterior is None or not hasattr(drift, "sample_linear"):
             raise ValueError("epistemic=True needs a drift with a Gaussian posterior of its "
-                             "linear part (drift = 'flux')")
-        for name, value in drift.sample_linear(num_samples).items():
-            model.fixed[f"transition.drift.{name}"] = value.to(counts)
+                             "linear part (drift = 'flux', fitted)")
+        draws = {f"transition.drift.{name}": value.to(counts)
+                 for name, value in drift.sample_linear(posterior, num_samples).items()}
     try:
-        try:
-            out = posterior_samples(model, guide, counts, num_samples, forecast=int(horizon))
-        except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
-            if not is_invalid_values(err):
-                raise
-            raise NumericalError(f"forecast: {describe_invalid(err)}; the trained parameters "
-                                 "may have diverged (see the loss history)") from None
-        x, m = out["X"], out["counts"]
-        if horizon:
-            x = torch.cat([x, out["X_forecast"]], -2)
-            m = torch.cat([m, out["counts_forecast"]], -2)
-        if horizon and not transition_noise:
-            theta = {name: out[name] for name in model.priors() if name in out}
-            theta.update({k: v.to(x) for k, v in model.fixed.items()})
-            T0 = counts.shape[1]
-            prev = x[:, :, T0 - 1]
-            before = x[:, :, max(T0 - 2, 0)]  # X_{t-1}: used by a second-order law only
-            for t in range(T0, T0 + horizon):
-                prev, before = model.transition_mean(prev, theta, totals, before), prev
-                x[:, :, t] = prev
-    finally:
-        model.fixed.clear()
-        model.fixed.update(saved)
+        out = posterior_samples(model, guide, counts, num_samples, forecast=int(horizon),
+                                theta=draws)
+    except ValueError as err:  # Pyro's validation met NaN/inf: diverged parameters
+        if not is_invalid_values(err):
+            raise
+        raise NumericalError(f"forecast: {describe_invalid(err)}; the trained parameters "
+                             "may have diverged (see the loss history)") from None
+    x, m = out["X"], out["counts"]
+    if horizon:
+        x = torch.cat([x, out["X_forecast"]], -2)
+        m = torch.cat([m, out["counts_forecast"]], -2)
+    if horizon and not transition_noise:
+        theta = {name: out[name] for name in model.site_names() if name in out}
+        theta.update({k: v.to(x) for k, v in model.fixed.items()})
+        theta.update(draws)
+        T0 = counts.shape[1]
+        prev = x[:, :, T0 - 1]
+        before = x[:, :, max(T0 - 2, 0)]  # X_{t-1}: used by a second-order law only
+        for t in range(T0, T0 + horizon):
+            prev, before = model.transition_mean(prev, theta, totals, before), prev
+            x[:, :, t] = prev
     frac = m / totals[:, None, None]
     probs = [p for level in LEVELS for p in ((1 - level) / 2, (1 + level) / 2)]
     q = torch.quantile(frac, torch.tensor(probs, dtype=frac.dtype, device=frac.device), dim=0)
@@ -177,7 +176,8 @@ def _guide_device(guide) -> torch.device | None:
 @torch.no_grad()
 def posterior_samples(model, guide, counts: torch.Tensor, num_samples: int, *,
                       forecast: int = 0, seed: int | None = None,
-                      log_likelihood: bool = False) -> dict[str, torch.Tensor]:
+                      log_likelihood: bool = False,
+                      theta: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Posterior draws of the model's latent sites under a fitted guide, vectorized over draws.
 
     The guide is traced once in a plate of ``num_samples`` draws (dim -2, outside the model's
@@ -193,6 +193,8 @@ def posterior_samples(model, guide, counts: torch.Tensor, num_samples: int, *,
     :param forecast: coarse steps ``P`` to roll the CG law past the last snapshot.
     :param seed: Pyro's RNG seed (``None``: continue the current stream).
     :param log_likelihood: also return the pointwise log-likelihood of the observed counts.
+    :param theta: θ values by site name that replace the guide's (``poutine.condition`` of the
+        model), each ``(sample, 1, *event_shape)``: e.g. posterior draws of the linear part.
     :returns: site name -> draws, sample axis first:
 
         - ``X``, ``counts``: ``(sample, sequence, time, bin)`` (the per-step sites ``X_{t}``,
@@ -210,7 +212,8 @@ def posterior_samples(model, guide, counts: torch.Tensor, num_samples: int, *,
     kwargs = {"forecast": int(forecast), "resample_observed": True}
     with pyro.plate("_num_predictive_samples", num_samples, dim=-2):
         guide_trace = poutine.trace(guide).get_trace(counts, **kwargs)
-        replayed = poutine.replay(model, trace=guide_trace)
+        conditioned = poutine.condition(model, data=theta) if theta else model
+        replayed = poutine.replay(conditioned, trace=guide_trace)
         trace = poutine.trace(replayed).get_trace(counts, **kwargs)
         observed = poutine.trace(replayed).get_trace(counts) if log_likelihood else None
     out = {name: site["value"] for name, site in trace.nodes.items()

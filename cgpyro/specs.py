@@ -420,17 +420,19 @@ class GuideSpec:
     path: Path | None = None
     source: str = ""
 
-    def factory(self, model, counts: torch.Tensor, theta_init=None):
+    def factory(self, model, counts: torch.Tensor, theta_init=None, theta_held=None):
         """The guide for ``model`` and training ``counts`` (the ``SVIInference`` factory)."""
         if self.kind == "lognormal":
-            return LogNormalGuide(model, counts, theta_init=theta_init)
+            return LogNormalGuide(model, counts, theta_init=theta_init, theta_held=theta_held)
         if self.kind == "amortized":
-            return AmortizedGuide(model, counts, theta_init=theta_init, **self.options)
+            return AmortizedGuide(model, counts, theta_init=theta_init, theta_held=theta_held,
+                                  **self.options)
         if self.kind == "auto":
             options = dict(self.options)
             if "family" in options:  # the spec's name for auto_guide's ``kind``
                 options["kind"] = options.pop("family")
-            return auto_guide(model, counts, theta_init=theta_init, **options)
+            return auto_guide(model, counts, theta_init=theta_init, theta_held=theta_held,
+                              **options)
         raise AssertionError(f"unvalidated guide kind {self.kind!r}")
 
     def inference(self, model, **overrides) -> SVIInference:

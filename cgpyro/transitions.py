@@ -1,8 +1,10 @@
 """Transition laws p(X_{t+1} | X_t, θ_NN, σ_r) of the CG dynamics (eq. 4-5).
 
-A transition is an ``nn.Module`` that *declares* its parameters θ as named sites with priors
-(:meth:`priors`) and evaluates the density for given values of θ (:meth:`forward`). The model
-samples θ (MAP in the paper's guide); fixed values skip the site (footnote 1 of the paper).
+A transition is a ``PyroModule`` that declares its parameters θ as ``PyroSample`` attributes
+(:class:`ThetaModule`; hyperpriors read other attributes) and evaluates the
+density for given values of θ (:meth:`forward`, a dict by relative site name, so that θ may carry
+leading axes of posterior draws). The model samples θ (MAP in the paper's guide); a fixed
+value conditions its site and hides it (footnote 1 of the paper).
 """
 
 from __future__ import annotations
@@ -13,9 +15,13 @@ import torch
 import torch.nn.functional as F
 from pyro import distributions as dist
 from pyro.distributions import constraints
+from pyro.nn import PyroModule
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "Drift", "FluxDrift", "GaussianTransition", "Hierarchical", "auto_radius"]
+from ._sites import ThetaModule, const, like_kwargs
+
+__all__ = ["ACTIVATIONS", "Drift", "FlatCholesky", "FlatPositive", "FluxDrift",
+           "GaussianTransition", "ThetaModule", "auto_radius"]
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -31,7 +37,30 @@ def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return torch.einsum("...i,...oi->...o", x, weight) + bias
 
 
-class Drift(nn.Module):
+def _normal(shape, scale: float):
+    """``N(0, scale)`` on every entry of a weight of ``shape`` (one site)."""
+    shape = torch.Size(shape)
+    return lambda _: dist.Normal(const(0.0), const(scale)).expand(shape).to_event(len(shape))
+
+
+class _Layer(ThetaModule):
+    """Sites ``weight`` and ``bias`` of one layer under ``N(0, scale)``."""
+
+    def __init__(self, weight_shape, bias_shape, scale: float):
+        super().__init__()
+        self.declare("weight", _normal(weight_shape, scale))
+        self.declare("bias", _normal(bias_shape, scale))
+
+
+def _layers(shapes: dict, prefix: str, scale: float) -> PyroModule:
+    """``{prefix}.{k}.weight`` / ``.bias`` sites of ``shapes`` as a module list of layers."""
+    n = sum(1 for name in shapes if name.startswith(prefix + ".") and name.endswith(".weight"))
+    return PyroModule[nn.ModuleList]([
+        _Layer(shapes[f"{prefix}.{k}.weight"], shapes[f"{prefix}.{k}.bias"], scale)
+        for k in range(n)])
+
+
+class Drift(ThetaModule):
     r"""The right-hand side ``NN(X; θ_NN)`` of eq. 4, mapping ``(..., n_bins) -> (..., n_bins)``.
 
     ``NN(X) = [A X + b] + MLP(n_bins · X) / n_bins``
@@ -43,8 +72,9 @@ class Drift(nn.Module):
     - ``conserve_mass`` projects the drift onto ``Σ_j NN_j = 0`` so that the mean dynamics
       conserves ``Σ_j X_j`` exactly (the mass virtual observable then only has to hold at t=0).
 
-    Sites (names relative to ``prefix``): ``linear.weight (B, B)``, ``linear.bias (B,)``,
-    ``mlp.{k}.weight (out, in)``, ``mlp.{k}.bias (out,)``.
+    Sites (names relative to the drift), each under ``N(0, weight_prior_scale)``:
+    ``linear.weight (B, B)``, ``linear.bias (B,)``, ``mlp.{k}.weight (out, in)``,
+    ``mlp.{k}.bias (out,)``.
     """
 
     def __init__(
@@ -67,6 +97,12 @@ class Drift(nn.Module):
         self.linear_skip = bool(linear_skip)
         self.conserve_mass = bool(conserve_mass)
         self.weight_prior_scale = float(weight_prior_scale)
+        shapes = self.shapes()
+        if self.linear_skip:
+            self.linear = _Layer(shapes["linear.weight"], shapes["linear.bias"],
+                                 self.weight_prior_scale)
+        if self.hidden:
+            self.mlp = _layers(shapes, "mlp", self.weight_prior_scale)
 
     def shapes(self) -> dict[str, torch.Size]:
         """Shapes of the parameters θ_NN, by site name."""
@@ -80,14 +116,6 @@ class Drift(nn.Module):
                 shapes[f"mlp.{k}.weight"] = torch.Size([o, i])
                 shapes[f"mlp.{k}.bias"] = torch.Size([o])
         return shapes
-
-    def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
-        """Independent ``Normal(0, weight_prior_scale)`` priors on every weight and bias."""
-        zero = torch.zeros((), dtype=dtype, device=device)
-        return {
-            name: dist.Normal(zero, self.weight_prior_scale).expand(shape).to_event(len(shape))
-            for name, shape in self.shapes().items()
-        }
 
     def init_values(self, generator: torch.Generator | None = None, dtype=torch.float64):
         """PyTorch-default (Kaiming-uniform) initial values; the linear part starts at zero."""
@@ -139,7 +167,22 @@ class FlatCholesky(dist.ImproperUniform):
         return (1e-3 * self._eye).expand(self.shape(sample_shape))
 
 
-class GaussianTransition(nn.Module):
+class FlatPositive(dist.ImproperUniform):
+    """Flat (improper) prior on a positive scalar: ``log p = 0``, for a constant that empirical
+    Bayes sets from the data (its MAP-II value is held). ``sample()`` returns 1."""
+
+    def __init__(self, dtype=torch.float64, device=None, batch_shape=torch.Size()):  # noqa: B008
+        super().__init__(constraints.positive, batch_shape, torch.Size())
+        self._dtype, self._device = dtype, device
+
+    def expand(self, batch_shape, _instance=None):
+        return FlatPositive(self._dtype, self._device, torch.Size(batch_shape))
+
+    def sample(self, sample_shape=torch.Size()):  # noqa: B008 (torch's own signature)
+        return torch.ones(self.shape(sample_shape), dtype=self._dtype, device=self._device)
+
+
+class GaussianTransition(ThetaModule):
     r"""``p(X_{t+1} | X_t) = N(X_t + NN(X_t; θ_NN), Σ_r)`` (eq. 5), event shape ``(n_bins,)``.
 
     - ``noise="isotropic"`` (the paper): ``Σ_r = σ_r² I``; site ``sigma_r`` (scalar, prior
@@ -170,6 +213,10 @@ class GaussianTransition(nn.Module):
         if sigma_r_multinomial is not None and not sigma_r_multinomial > 0:
             raise ValueError(f"sigma_r_multinomial must be positive, got {sigma_r_multinomial!r}")
         self.sigma_r_multinomial = sigma_r_multinomial
+        self.declare("sigma_r", lambda self: dist.HalfCauchy(const(self.sigma_prior_scale)))
+        if noise == "full":
+            self.declare("noise_tril", lambda self: FlatCholesky(self.drift.n_bins,
+                                                                 **like_kwargs()))
 
     def calibrated_sigma(self, counts: torch.Tensor) -> torch.Tensor | None:
         """σ_r fixed at ``sigma_r_multinomial`` x the per-bin multinomial std of ``counts``.
@@ -190,14 +237,6 @@ class GaussianTransition(nn.Module):
         B = counts.shape[-1]
         floor = 1e-6 * (1 / B) * (1 - 1 / B) / totals.mean()
         return self.sigma_r_multinomial * torch.maximum(var, floor).sqrt()
-
-    def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
-        priors = _prefixed(self.drift.priors(dtype, device), "drift.")
-        scale = torch.tensor(self.sigma_prior_scale, dtype=dtype, device=device)
-        priors["sigma_r"] = dist.HalfCauchy(scale)
-        if self.noise == "full":
-            priors["noise_tril"] = FlatCholesky(self.drift.n_bins, dtype=dtype, device=device)
-        return priors
 
     def init_values(self, generator=None, dtype=torch.float64) -> dict[str, torch.Tensor]:
         values = {f"drift.{k}": v for k, v in self.drift.init_values(generator, dtype).items()}
@@ -221,7 +260,7 @@ class GaussianTransition(nn.Module):
     @property
     def order(self) -> int:
         """2 when the drift has a memory term in use (``p(X_{t+1} | X_t, X_{t-1})``), else 1."""
-        return 2 if getattr(self.drift, "memory_on", False) else 1
+        return getattr(self.drift, "order", 1)
 
     def mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
              totals: torch.Tensor | None = None,
@@ -252,39 +291,6 @@ class GaussianTransition(nn.Module):
         return dist.Normal(mean, sigma.unsqueeze(-1)).to_event(1)
 
 
-class Hierarchical:
-    """A prior whose parameters are other θ sites: ``fn(*values of parents) -> Distribution``.
-
-    Declared in :meth:`priors` dicts beside plain distributions; the model samples the parents
-    first and then this site from ``fn(...)`` (e.g. ``jumps ~ N(0, jump_scale)`` with
-    ``jump_scale`` a site of its own: a hyperprior). ``support``, ``event_dim`` and ``shape()``
-    describe the site without its parents' values (for guides and specs).
-    """
-
-    def __init__(self, fn, parents: tuple[str, ...], support, shape: torch.Size):
-        self.fn, self.parents, self.support = fn, tuple(parents), support
-        self._shape = torch.Size(shape)
-
-    @property
-    def event_dim(self) -> int:
-        return len(self._shape)
-
-    def shape(self) -> torch.Size:
-        return self._shape
-
-    def prefixed(self, prefix: str) -> Hierarchical:
-        return Hierarchical(self.fn, tuple(prefix + p for p in self.parents), self.support,
-                            self._shape)
-
-    def __call__(self, theta: dict[str, torch.Tensor]) -> dist.Distribution:
-        return self.fn(*(theta[p] for p in self.parents))
-
-
-def _prefixed(priors: dict, prefix: str) -> dict:
-    return {prefix + k: (v.prefixed(prefix) if isinstance(v, Hierarchical) else v)
-            for k, v in priors.items()}
-
-
 def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a symmetric positive semi-definite ``H``, with the smallest jitter
     (relative to its mean diagonal) that makes it succeed: precise data (10^6+ particles) make
@@ -310,7 +316,7 @@ def auto_radius(n_bins: int) -> int:
     return max(1, min(max(math.ceil(n_bins / 4), 2), (n_bins - 1) // 2))
 
 
-class FluxDrift(nn.Module):
+class FluxDrift(ThetaModule):
     r"""A local, conservative, translation-equivariant drift in flux form, ``(..., B) -> (..., B)``.
 
     Particles leave bin ``i`` for bin ``i + k`` at rate ``r_{i,k}`` per coarse step, and a
@@ -405,10 +411,9 @@ class FluxDrift(nn.Module):
         self.jump_prior = jump_prior
         if dense not in (True, False, "auto"):
             raise ValueError(f"dense must be true, false or 'auto', got {dense!r}")
-        self.dense = bool(dense is True or (dense == "auto" and B <= DENSE_AUTO_MAX_BINS))
-        self.memory = memory
+        self.dense_on = bool(dense is True or (dense == "auto" and B <= DENSE_AUTO_MAX_BINS))
+        self.memory_mode = memory
         self.memory_radius = memory_radius if memory else 0
-        self.memory_on = memory is True  # "auto": decided by initial_fit
         self.n_bins, self.radius, self.correction_radius = B, radius, correction_radius
         self.channels, self.kernel, self.activation = tuple(int(c) for c in channels), kernel, \
             activation
@@ -419,9 +424,8 @@ class FluxDrift(nn.Module):
         # reach of each jump beyond the nearest neighbour: the decay prior's exponent
         self.register_buffer("reach", torch.tensor([abs(k) - 1.0 for k in offsets],
                                                    dtype=torch.float64), persistent=False)
-        self.register_buffer("total_ref", torch.tensor(1.0, dtype=torch.float64),
-                             persistent=False)
         self.uses_totals = True
+        self._declare_sites()
 
     # -- declaration -------------------------------------------------------------------
     def _corr_offsets(self) -> list[int]:
@@ -432,9 +436,9 @@ class FluxDrift(nn.Module):
         shapes = {"jumps": torch.Size([2 * self.radius])}
         if self.correction_radius:
             shapes["delta"] = torch.Size([self.n_bins, 2 * self.correction_radius])
-        if self.dense:
+        if self.dense_on:
             shapes["dense"] = torch.Size([self.n_bins, self.n_bins])
-        if self.memory:
+        if self.memory_mode:
             shapes["memory"] = torch.Size([2 * self.memory_radius + 1])
         sizes = (2, *self.channels, 1) if self.channels else ()
         for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
@@ -449,50 +453,52 @@ class FluxDrift(nn.Module):
             names.insert(1, "jump_decay")
         if self.correction_radius:
             names += ["correction_scale", "delta"]
-        if self.dense:
+        if self.dense_on:
             names += ["dense_scale", "dense"]
-        if self.memory:
+        if self.memory_mode:
             names += ["memory_scale", "memory"]
+        if self.channels:
+            names.append("total_ref")
         return names
 
-    def priors(self, dtype=torch.float64, device=None) -> dict:
-        """Hyperpriors, the hierarchical linear part and ``N(0, s)`` network weights."""
-        zero = torch.zeros((), dtype=dtype, device=device)
-        hyper = dist.HalfCauchy(torch.tensor(self.hyper_prior_scale, dtype=dtype, device=device))
+    def _declare_sites(self) -> None:
+        """Hyperpriors ``HalfCauchy(hyper_prior_scale)``, the hierarchical linear part and
+        ``N(0, weight_prior_scale)`` network weights (see the class docstring)."""
         shapes = self.shapes()
 
-        def normal(shape):
-            return lambda scale: dist.Normal(zero, scale).expand(shape).to_event(len(shape))
+        def hyper(_):
+            return dist.HalfCauchy(const(self.hyper_prior_scale))
 
-        priors = {"jump_scale": hyper}
-        if self.jump_prior == "decay":
-            reach = self.reach.to(dtype=dtype, device=device)
-            priors["jump_decay"] = dist.Normal(zero, torch.ones_like(zero))
-            priors["jumps"] = Hierarchical(
-                lambda scale, decay: dist.Normal(
-                    zero, scale.unsqueeze(-1) * torch.exp(-0.5 * decay.unsqueeze(-1) * reach)
-                ).to_event(1),
-                ("jump_scale", "jump_decay"), constraints.real, shapes["jumps"])
-        else:
-            priors["jumps"] = Hierarchical(normal(shapes["jumps"]), ("jump_scale",),
-                                           constraints.real, shapes["jumps"])
-        if self.correction_radius:
-            priors["correction_scale"] = hyper
-            priors["delta"] = Hierarchical(normal(shapes["delta"]), ("correction_scale",),
-                                           constraints.real, shapes["delta"])
-        if self.dense:
-            priors["dense_scale"] = hyper
-            priors["dense"] = Hierarchical(normal(shapes["dense"]), ("dense_scale",),
-                                           constraints.real, shapes["dense"])
-        if self.memory:
-            priors["memory_scale"] = hyper
-            priors["memory"] = Hierarchical(normal(shapes["memory"]), ("memory_scale",),
-                                            constraints.real, shapes["memory"])
-        for name, shape in shapes.items():
-            if name.startswith("flux."):
-                priors[name] = dist.Normal(zero, self.weight_prior_scale).expand(shape) \
+        def under(scale_site, shape):
+            shape = torch.Size(shape)
+
+            def prior(self):  # the scale may carry leading axes (posterior draws)
+                scale = getattr(self, scale_site)
+                scale = scale.reshape(scale.shape + (1,) * len(shape))
+                return dist.Normal(const(0.0), scale).expand(scale.shape[:-len(shape)] + shape) \
                     .to_event(len(shape))
-        return priors
+            return prior
+
+        self.declare("jump_scale", hyper)
+        if self.jump_prior == "decay":
+            self.declare("jump_decay", lambda _: dist.Normal(const(0.0), const(1.0)))
+            # the exponent is bounded so that far reaches never underflow to a zero scale
+            self.declare("jumps", lambda self: dist.Normal(
+                const(0.0), self.jump_scale.unsqueeze(-1) * torch.exp(
+                    (-0.5 * self.jump_decay.unsqueeze(-1) * self.reach.to(**like_kwargs()))
+                    .clamp(-300.0, 300.0))
+            ).to_event(1))
+        else:
+            self.declare("jumps", under("jump_scale", shapes["jumps"]))
+        for part in ("correction", "dense", "memory"):
+            site = "delta" if part == "correction" else part
+            if site in shapes:
+                self.declare(f"{part}_scale", hyper)
+                self.declare(site, under(f"{part}_scale", shapes[site]))
+        if self.channels:
+            self.flux = _layers(shapes, "flux", self.weight_prior_scale)
+            # the network's unit of density, set from the data (initial_fit) and held
+            self.declare("total_ref", lambda _: FlatPositive(**like_kwargs()))
 
     def init_values(self, generator: torch.Generator | None = None, dtype=torch.float64):
         values = {"jump_scale": torch.tensor(0.1, dtype=dtype),
@@ -502,12 +508,14 @@ class FluxDrift(nn.Module):
         if self.correction_radius:
             values["correction_scale"] = torch.tensor(0.01, dtype=dtype)
             values["delta"] = torch.zeros(self.n_bins, 2 * self.correction_radius, dtype=dtype)
-        if self.dense:
+        if self.dense_on:
             values["dense_scale"] = torch.tensor(0.01, dtype=dtype)
             values["dense"] = torch.zeros(self.n_bins, self.n_bins, dtype=dtype)
-        if self.memory:
+        if self.memory_mode:
             values["memory_scale"] = torch.tensor(0.01, dtype=dtype)
             values["memory"] = torch.zeros(2 * self.memory_radius + 1, dtype=dtype)
+        if self.channels:
+            values["total_ref"] = torch.tensor(1.0, dtype=dtype)
         shapes = self.shapes()
         n_layers = len(self.channels) + 1 if self.channels else 0
         for k in range(n_layers):
@@ -546,7 +554,7 @@ class FluxDrift(nn.Module):
                 out[..., j, j, c] -= x
                 out[..., (j + k) % B, j, c] += x
             feats.append(out.reshape(*x.shape, B * len(ks)))
-        if self.dense:  # D_{i,j} moves D X_j from bin j to bin i: +X_j at i, -X_j at j
+        if self.dense_on:  # D_{i,j} moves D X_j from bin j to bin i: +X_j at i, -X_j at j
             eye = torch.eye(B, dtype=x.dtype, device=x.device)
             flow = x[..., None, None, :] * (eye[:, :, None] - eye[:, None, :])  # (..., r, i, j)
             off = ~torch.eye(B, dtype=torch.bool, device=x.device)
@@ -559,7 +567,7 @@ class FluxDrift(nn.Module):
         """The linear part's θ has no leading (posterior-draw) axes."""
         return (theta["jumps"].dim() == 1
                 and (not self.correction_radius or theta["delta"].dim() == 2)
-                and (not self.dense or theta["dense"].dim() == 2)
+                and (not self.dense_on or theta["dense"].dim() == 2)
                 and (not memory or theta["memory"].dim() == 1))
 
     def linear(self, x: torch.Tensor, theta: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -574,7 +582,7 @@ class FluxDrift(nn.Module):
             for c, k in enumerate(self._corr_offsets()):
                 flow = delta[..., c] * x  # (..., B): out of bin i
                 out = out - flow + flow.roll(k, -1)
-        if self.dense:  # a diagonal D_{j,j} moves nothing: it cancels between the two terms
+        if self.dense_on:  # a diagonal D_{j,j} moves nothing: it cancels between the two terms
             D = theta["dense"]
             out = out + torch.einsum("...ij,...j->...i", D, x) - x * D.sum(-2)
         return out
@@ -593,7 +601,7 @@ class FluxDrift(nn.Module):
         if not self.channels:
             return torch.zeros_like(x)
         u = x * self.n_bins
-        rel = 1.0 if totals is None else (totals / self.total_ref.to(totals)).unsqueeze(-1)
+        rel = 1.0 if totals is None else (totals / theta["total_ref"]).unsqueeze(-1)
         h = torch.stack([u - 1, u * rel - 1], -2)  # (..., 2, B)
         act = ACTIVATIONS[self.activation]
         n_layers = len(self.channels) + 1
@@ -608,7 +616,7 @@ class FluxDrift(nn.Module):
                 x_prev: torch.Tensor | None = None) -> torch.Tensor:
         """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` (memory term;
         ``None``: no earlier state, no memory)."""
-        memory = self.memory_on and x_prev is not None
+        memory = bool(self.memory_mode) and x_prev is not None
         if self._unbatched(theta, memory):
             # Without posterior-draw axes on θ the linear part is one (B, B) matrix: build it
             # from the identity and multiply, instead of gathering (and, backwards,
@@ -629,32 +637,41 @@ class FluxDrift(nn.Module):
         return out
 
     # -- empirical Bayes -----------------------------------------------------------------
-    def calibrate(self, counts: torch.Tensor) -> None:
-        """Remember the training data's mean particle total ``N_ref`` (input normalisation)."""
-        self.total_ref = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
+    @property
+    def order(self) -> int:
+        """2 with a memory term (``p(X_{t+1} | X_t, X_{t-1})``), else 1. With ``memory="auto"``
+        the term is declared and the data decide its weights (zero where cross-validation
+        rejects it: the same law as first order)."""
+        return 2 if self.memory_mode else 1
 
-    def initial_fit(self, counts: torch.Tensor, max_pairs: int = 8192) -> dict[str, torch.Tensor]:
+    def initial_fit(self, counts: torch.Tensor, max_pairs: int = 8192) -> tuple[dict, tuple]:
         """Empirical Bayes for the linear part on pairs of empirical fractions.
 
         Bayesian linear regression of ``m_{t+1}/N - m_t/N`` on the jump features with priors
         ``N(0, jump_scale²)`` (jumps), ``N(0, correction_scale²)`` (δ) and
         ``N(0, memory_scale²)`` (memory, regressors ``m_t/N - m_{t-1}/N``), Gaussian residuals;
         the scales and the residual variance maximise the log evidence (L-BFGS on its closed
-        form, weights integrated out), the weights are their posterior mean. Returns values of
-        the :meth:`held_sites` (relative names). With ``memory="auto"`` it first decides
-        whether the memory term is used (``memory_on``; see the class docstring).
+        form, weights integrated out), the weights are their posterior mean. With
+        ``memory="auto"`` it first decides whether the memory term is used (see the class
+        docstring); a memory term not used has zero weights. With ``channels`` the network's
+        reference total ``total_ref`` is the data's mean particle total. Nothing is stored.
 
         :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
         :param max_pairs: at most this many (evenly spread) pairs of snapshots are used.
+        :returns: ``(values, posterior)``: the values of :meth:`held_sites` (relative names)
+            and the Gaussian posterior of the linear weights ``(mean, Cholesky factor of the
+            covariance)``, for :meth:`sample_linear`.
         """
         frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
-        if self.memory == "auto":
-            self.memory_on = bool(frac.shape[0] >= 2 and frac.shape[1] >= 3
-                                  and self._memory_helps(frac, max_pairs))
-        elif self.memory:
-            self.memory_on = frac.shape[1] >= 3
-        values, self.posterior = self._fit_linear(frac, self.memory_on, max_pairs)
-        return values
+        if self.memory_mode == "auto":
+            memory = bool(frac.shape[0] >= 2 and frac.shape[1] >= 3
+                          and self._memory_helps(frac, max_pairs))
+        else:
+            memory = bool(self.memory_mode) and frac.shape[1] >= 3
+        values, posterior = self._fit_linear(frac, memory, max_pairs)
+        if self.channels:
+            values["total_ref"] = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
+        return values, posterior
 
     def _pairs(self, frac, memory: bool):
         """Regression pairs ``(x, dx, y)``, rows ``(sequence, time)`` sequence-major, each
@@ -669,7 +686,7 @@ class FluxDrift(nn.Module):
     def _groups(self, memory: bool) -> torch.Tensor:
         B = self.n_bins
         groups = [0] * (2 * self.radius) + [1] * (B * 2 * self.correction_radius)
-        if self.dense:
+        if self.dense_on:
             groups += [3] * (B * (B - 1))
         if memory:
             groups += [2] * (2 * self.memory_radius + 1)
@@ -741,14 +758,12 @@ class FluxDrift(nn.Module):
         se = diff.std() / math.sqrt(n) if n > 1 else torch.tensor(0.0)
         return bool(diff.mean() + se < 0)
 
-    def sample_linear(self, num_samples: int) -> dict[str, torch.Tensor]:
-        """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)`` and (memory on)
-        ``memory`` ``(S, 1, 2·memory_radius + 1)`` from the empirical-Bayes Gaussian posterior
-        of the last :meth:`initial_fit` (``S`` = ``num_samples``; the singleton axis broadcasts
-        over sequences)."""
-        if getattr(self, "posterior", None) is None:
-            raise ValueError("sample_linear needs initial_fit() first (fit the model)")
-        m, L = self.posterior
+    def sample_linear(self, posterior: tuple, num_samples: int) -> dict[str, torch.Tensor]:
+        """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)``, ``dense``
+        ``(S, 1, B, B)`` and (memory used) ``memory`` ``(S, 1, 2·memory_radius + 1)`` from the
+        empirical-Bayes Gaussian ``posterior`` of :meth:`initial_fit` (``S`` = ``num_samples``;
+        the singleton axis broadcasts over sequences)."""
+        m, L = posterior
         eps = torch.randn(num_samples, m.shape[0], dtype=m.dtype)
         w = (m + eps @ L.T).unsqueeze(1)
         B = self.n_bins
@@ -757,14 +772,14 @@ class FluxDrift(nn.Module):
         if self.correction_radius:
             out["delta"] = w[..., nj:nj + nd].reshape(num_samples, 1, B,
                                                       2 * self.correction_radius)
-        if self.dense:
+        if self.dense_on:
             out["dense"] = self._dense_matrix(w[..., nj + nd:nj + nd + nD])
-        if self.memory_on:
+        if m.shape[0] > nj + nd + nD:  # the memory term is used
             out["memory"] = w[..., nj + nd + nD:]
         return out
 
     def _n_dense(self) -> int:
-        return self.n_bins * (self.n_bins - 1) if self.dense else 0
+        return self.n_bins * (self.n_bins - 1) if self.dense_on else 0
 
     def _dense_matrix(self, w: torch.Tensor) -> torch.Tensor:
         """Off-diagonal weights ``(..., B(B-1))`` -> ``(..., B, B)`` with a zero diagonal."""
@@ -840,11 +855,11 @@ class FluxDrift(nn.Module):
             values["correction_scale"] = alpha[nj].rsqrt()
             values["delta"] = m[nj:nj + nd].reshape(self.n_bins, 2 * self.correction_radius).clone()
         nD = self._n_dense()
-        if self.dense:
+        if self.dense_on:
             values["dense_scale"] = alpha[nj + nd].rsqrt()
             values["dense"] = self._dense_matrix(m[nj + nd:nj + nd + nD])
         nd = nd + nD  # memory weights follow the dense ones
-        if self.memory:
+        if self.memory_mode:
             on = m.shape[0] > nj + nd
             values["memory_scale"] = alpha[-1].rsqrt() if on else torch.tensor(1e-12,
                                                                                dtype=m.dtype)

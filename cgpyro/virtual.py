@@ -23,13 +23,14 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyro.distributions as dist
 import torch
-from torch import nn
 
+from ._sites import ThetaModule, const
 from .distributions import lognormal_moments
 
-__all__ = ["ImportPolicy", "VirtualObservable", "constraint_identity", "import_policy",
-           "mass_conservation", "resolve_constraint"]
+__all__ = ["ImportPolicy", "VirtualObservable", "annealing", "constraint_identity",
+           "import_policy", "mass_conservation", "resolve_constraint"]
 
 
 def mass_conservation(x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +173,25 @@ def resolve_constraint(spec: str) -> Callable:
     return fn
 
 
-class VirtualObservable(nn.Module):
+_PROGRESS: ContextVar[float] = ContextVar("cgpyro_annealing_progress", default=1.0)
+
+
+@contextmanager
+def annealing(progress: float):
+    """Virtual observables in this block use σ_c at training progress ``progress`` in [0, 1]
+    (the training loop's schedule; outside any block σ_c is final)."""
+    token = _PROGRESS.set(float(progress))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+class VirtualObservable(ThetaModule):
     r"""``p(ĉ = 0 | X, σ_c) = N(0 | c(X), σ_c² I)`` (eq. 8) at every time step.
+
+    σ_c is :meth:`tolerance` (annealed during training: :func:`annealing`), or with ``learn``
+    the site ``sigma`` (``vo.{name}.sigma`` in the model) under ``HalfCauchy(1)``.
 
     :param name: site name suffix (the site is ``vo.{name}``).
     :param fn: the constraint ``c``, ``(..., n_bins) -> (..., M)``.
@@ -207,9 +225,9 @@ class VirtualObservable(nn.Module):
         self.name, self.fn = name, fn
         affine = affine if affine is not None else getattr(fn, "affine", None)
         self.sigma_final, self.sigma_start = float(sigma), sigma_start
-        self._sigma_requested = float(sigma)
         self.anneal_fraction, self.learn = float(anneal_fraction), bool(learn)
-        self.register_buffer("sigma", torch.tensor(float(sigma), dtype=torch.float64))
+        if self.learn:
+            self.declare("sigma", lambda _: dist.HalfCauchy(const(1.0)))
         self.affine = affine
 
     def expected_log_prob(self, sigma, loc, scale, event_dim):
@@ -227,29 +245,24 @@ class VirtualObservable(nn.Module):
               - 0.5 * math.log(2 * math.pi))
         return lp.sum(tuple(range(-event_dim, 0)))
 
-    def calibrate(self, max_total: float, max_bias: float = 2.5e-4) -> None:
-        """Cap the final σ_c of the mass constraint for data with ``max_total`` particles.
+    def tolerance(self, max_total: float | None = None, max_bias: float = 2.5e-4) -> float:
+        """σ_c at the training progress of the enclosing :func:`annealing` block (final σ_c
+        outside one), for data with at most ``max_total`` particles per snapshot.
 
-        With eq. 17 the MAP of ``Σ_j X_j`` is ``1 + N σ_c²``: the paper's σ_c² = 1e-9 gives
-        2.5e-4 at its N = 250,000 but a mass of 2 at N = 1e9, so σ_c² is capped at
-        ``max_bias / N`` (no change for the paper's setting).
+        The schedule is geometric from ``sigma_start`` to the final σ_c over the first
+        ``anneal_fraction`` of training. The final σ_c of the mass constraint is capped for
+        the data: with eq. 17 the MAP of ``Σ_j X_j`` is ``1 + N σ_c²``, so the paper's
+        σ_c² = 1e-9 gives 2.5e-4 at its N = 250,000 but a mass of 2 at N = 1e9; σ_c² is capped
+        at ``max_bias / N`` (no change in the paper's setting; ``max_total=None``: no cap).
         """
-        if self.fn is not mass_conservation or self.learn:
-            return
-        self.sigma_final = min(self._sigma_requested, math.sqrt(max_bias / float(max_total)))
-        if self.sigma_start is not None:
-            self.sigma_start = max(self.sigma_start, self.sigma_final)
-        self.sigma.fill_(self.sigma_final)
-
-    def anneal(self, progress: float) -> float:
-        """Set σ_c for the training progress in [0, 1] (geometric schedule); returns it."""
-        if self.sigma_start is None or self.anneal_fraction == 0:
-            value = self.sigma_final
-        else:
-            f = min(1.0, max(0.0, progress / self.anneal_fraction))
-            value = math.exp((1 - f) * math.log(self.sigma_start) + f * math.log(self.sigma_final))
-        self.sigma.fill_(value)
-        return value
+        final, start = self.sigma_final, self.sigma_start
+        if max_total is not None and self.fn is mass_conservation and not self.learn:
+            final = min(final, math.sqrt(max_bias / float(max_total)))
+            start = None if start is None else max(start, final)
+        if start is None or self.anneal_fraction == 0:
+            return final
+        f = min(1.0, max(0.0, _PROGRESS.get() / self.anneal_fraction))
+        return math.exp((1 - f) * math.log(start) + f * math.log(final))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``c(X)``, shape ``(..., M)`` for ``x`` of shape ``(..., n_bins)``."""

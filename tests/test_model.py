@@ -178,6 +178,72 @@ def test_fixed_parameter_removes_its_site():
         model.fix("nope", 1.0)
 
 
+def test_theta_are_pyro_sample_attributes_named_by_module_path():
+    """θ sites are the submodules' PyroSample attributes: the trace of the model has exactly
+    ``site_names()``; conditioning a site is ordinary Pyro (a hyperprior's child conditioned
+    on a value is scored under its parent), and ``fix`` hides the conditioned site."""
+    from cgpyro.specs import load_model
+
+    model = load_model("physics", n_bins=8)
+    counts = make_counts(2, 3).new_zeros(2, 3, 8) + 100.0
+    trace = poutine.trace(model).get_trace(counts)
+    theta = [name for name, site in trace.nodes.items() if site["type"] == "sample"
+             and name not in ("sequences", "X", "counts", "vo.mass")]
+    assert theta == model.site_names()
+    assert "transition.drift.jumps" in theta and "vo.mass.sigma" not in theta
+    jumps = torch.full((4,), 0.01, dtype=torch.float64)
+    scored = []
+    for scale in (0.1, 1.0):
+        data = {"transition.drift.jumps": jumps,
+                "transition.drift.jump_scale": torch.tensor(scale, dtype=torch.float64)}
+        site = poutine.trace(poutine.condition(model, data=data)).get_trace(counts) \
+            .nodes["transition.drift.jumps"]
+        assert site["is_observed"] and torch.equal(site["value"], jumps)
+        scored.append(site["fn"].log_prob(site["value"]).item())
+    assert scored[0] != scored[1]
+    model.fix("transition.drift.jumps", jumps)
+    trace = poutine.trace(model).get_trace(counts)
+    assert "transition.drift.jumps" not in trace.nodes  # conditioned and hidden
+    assert torch.equal(model.sample_theta(counts)["transition.drift.jumps"], jumps)
+
+
+def test_resample_observed_unconditions_the_counts_only():
+    model = make_model()
+    counts = make_counts(2, 3)
+    trace = poutine.trace(model).get_trace(counts, resample_observed=True)
+    site = trace.nodes["counts"]
+    assert not site["is_observed"] and site["infer"].get("was_observed")
+    assert not torch.equal(site["value"], counts)  # redrawn from p_cf
+    assert trace.nodes["vo.mass"]["is_observed"]  # the constraint stays a virtual observation
+
+
+def test_fitting_and_forecasting_leave_the_model_as_built():
+    """Empirical Bayes, σ_r calibration, the σ_c schedule and the memory decision live in the
+    inference and its guide: the user's model object is the same before and after."""
+    from cgpyro.inference import SVIInference
+    from cgpyro.predict import forecast
+    from cgpyro.specs import load_model
+
+    def state(model):
+        plain = (int, float, str, bool, tuple, type(None))
+        return ({name: {k: v for k, v in vars(m).items()
+                        if not k.startswith("_") and isinstance(v, plain)}
+                 for name, m in model.named_modules()},
+                {k: v.clone() for k, v in model.named_buffers()}, dict(model.fixed))
+
+    model = load_model("physics", n_bins=8)
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(3, 5, 8, generator=g, dtype=torch.float64) + 0.5
+    counts = torch.distributions.Multinomial(20_000, p / p.sum(-1, keepdim=True)).sample()
+    before = state(model)
+    inference = SVIInference(model, steps=20, progress=False).fit(counts)
+    forecast(model, inference.guide, counts, 3, num_samples=4)
+    after = state(model)
+    assert after[0] == before[0] and after[2] == before[2]
+    assert all(torch.equal(after[1][k], v) for k, v in before[1].items())
+    assert inference.guide.theta.held  # the fitted state is there, held by the guide
+
+
 def test_second_order_chain_matches_an_explicit_sum_and_the_markov_loop():
     """``MarkovChain(order=2)``: ``log p = log p0(X_0) + Σ_t log p(X_t | X_{t-1}, X_{t-2})`` with
     ``X_{-1} = X_0``, from ``init`` or from two known ``start`` states."""

@@ -118,11 +118,12 @@ def test_epistemic_bands_widen_with_fewer_training_sequences():
     for n in (1, 32):
         model = load_model("physics", n_bins=10)
         inference = SVIInference(model, steps=30, progress=False).fit(counts[:n])
-        fixed = dict(model.fixed)
+        held = {k: v.clone() for k, v in inference.guide.theta.held.items()}
         f = forecast(model, inference.guide, counts[:n], 10, num_samples=100, keep_samples=True,
                      epistemic=True)
-        assert model.fixed.keys() == fixed.keys()  # the draws were temporary
-        assert all(torch.equal(model.fixed[k], fixed[k]) for k in fixed)
+        assert not model.fixed  # the draws condition the model's sites, for this call only
+        assert inference.guide.theta.held.keys() == held.keys()
+        assert all(torch.equal(inference.guide.theta.held[k], held[k]) for k in held)
         plain = forecast(model, inference.guide, counts[:n], 10, num_samples=100,
                          keep_samples=True, epistemic=False)
         default = forecast(model, inference.guide, counts[:n], 10, num_samples=100,

@@ -602,17 +602,15 @@ def test_interrupt_before_the_first_resumed_step_keeps_the_optimizer_state(tmp_p
     with pytest.raises(KeyboardInterrupt):
         inference(callbacks=[stop_at_5]).fit(counts)
     saved = load_checkpoint(tmp_path / "ck.pt")
-    original_anneal = SVIInference._anneal
-
-    def interrupt_first(self, step):
+    def interrupt_first(progress):  # the σ_c schedule's context opens each step
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(SVIInference, "_anneal", interrupt_first)
-    with pytest.raises(KeyboardInterrupt):
-        inference().fit(counts, resume=tmp_path / "ck.pt")
+    with monkeypatch.context() as patch:
+        patch.setattr("cgpyro.inference.annealing", interrupt_first)
+        with pytest.raises(KeyboardInterrupt):
+            inference().fit(counts, resume=tmp_path / "ck.pt")
     again = load_checkpoint(tmp_path / "ck.pt")
     assert again["step"] == 5 and again["optim"].keys() == saved["optim"].keys() != set()
-    monkeypatch.setattr(SVIInference, "_anneal", original_anneal)
     resumed = inference().fit(counts, resume=tmp_path / "ck.pt")
     assert resumed.loss_history == full.loss_history
     _assert_same_training(load_checkpoint(tmp_path / "ck.pt"), expected)

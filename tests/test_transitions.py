@@ -101,10 +101,10 @@ def test_hierarchical_prior_stays_local_on_one_sequence_and_not_on_many():
     (tolerance 0.008: ~3 posterior standard deviations measured over seeds)."""
     torch.manual_seed(0)
     drift, one = synthetic_counts(1)
-    few = drift.initial_fit(one)
+    few, _ = drift.initial_fit(one)
     assert few["delta"].abs().max() < 0.5 * TRUE_DELTA
     _, many_counts = synthetic_counts(256, seed=1)
-    many = drift.initial_fit(many_counts)
+    many, _ = drift.initial_fit(many_counts)
     assert abs(many["delta"][4, 1] - TRUE_DELTA) < 0.008
     others = many["delta"].clone()
     others[4, 1] = 0
@@ -130,8 +130,9 @@ def test_hyperprior_makes_the_jump_prior_depend_on_its_scale_and_decay():
                               scale * torch.exp(-0.5 * decay * reach))
     assert len(set(lp)) == 3
     flat = load_model("physics", n_bins=16)
-    flat.transition.drift.jump_prior = "flat"
+    flat.transition.drift = FluxDrift(16, jump_prior="flat")
     assert "transition.drift.jump_decay" not in flat.priors()
+    assert "transition.drift.jump_scale" in flat.priors()
 
 
 def test_auto_radius_scales_with_bins():
@@ -148,8 +149,9 @@ def test_specs_build_and_train_at_any_resolution(spec, n_bins):
     model = load_model(spec, n_bins=n_bins)
     inference = SVIInference(model, steps=5, progress=False).fit(counts)
     assert np.isfinite(inference.loss_history).all()
-    held = [k for k in model.fixed if k.startswith("transition.drift.")]
+    held = [k for k in inference.guide.theta.held if k.startswith("transition.drift.")]
     assert "transition.drift.jumps" in held  # set by empirical Bayes, not by SVI
+    assert not model.fixed  # held by the guide: fitting does not change the model
     x = counts[:, -1] / counts[:, -1].sum(-1, keepdim=True)
     mean = model.transition_mean(x, inference.guide.theta_map(), counts[:, 0].sum(-1))
     assert torch.allclose(mean.sum(-1), torch.ones(3, dtype=torch.float64), atol=1e-12)
@@ -191,7 +193,7 @@ def test_empirical_bayes_survives_noise_free_data():
         # depends on rounding (the matrix form, or 2 threads, give 1.2e-6 instead of 1e-15)
         path.append(path[-1] + drift.linear(path[-1], theta))
     counts = torch.stack(path, 1) * 1e7
-    values = drift.initial_fit(counts)
+    values, _ = drift.initial_fit(counts)
     assert all(torch.isfinite(v).all() for v in values.values())
     # p_k and a uniform δ_{., k} are the same rates (only their sum is identified): compare laws
     y = states(3, B_SYN, seed=5)
@@ -210,7 +212,6 @@ def second_order_paths(n_seq, memory=TRUE_MEMORY, T=10, offset=0, noise=0.0, see
     from cosine initial states (``X_{-1} = X_0``); ``ε_t`` is mass-free Gaussian process noise
     of std ``noise`` (fluctuations are part of the state, as for the CG of an FG system)."""
     drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory=True)
-    drift.memory_on = True
     theta = {"jumps": JUMPS_SYN, "memory": memory}
     g = torch.Generator().manual_seed(seed)
     k = torch.arange(B_SYN, dtype=torch.float64)
@@ -246,7 +247,6 @@ def rollout_error(drift, values, paths):
 def test_memory_term_conserves_mass_and_commutes_with_shifts():
     B = 13
     drift = FluxDrift(B, correction_radius=0, memory=True, memory_radius=2)
-    drift.memory_on = True
     theta = random_theta(drift)
     assert theta["memory"].shape == (5,)
     x, before = states(6, B, 0), states(6, B, 1)
@@ -270,11 +270,11 @@ def test_empirical_bayes_learns_a_known_memory_and_auto_switches_it():
     counts = second_order_counts(8)
     unseen = second_order_paths(4, T=20, offset=8)
     drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
-    values = drift.initial_fit(counts)
-    assert drift.memory_on
-    assert drift.sample_linear(4)["memory"].shape == (4, 1, 3)
+    values, posterior = drift.initial_fit(counts)
+    assert values["memory"].abs().max() > 0.01  # on
+    assert drift.sample_linear(posterior, 4)["memory"].shape == (4, 1, 3)
     first = FluxDrift(B_SYN, radius=3, correction_radius=0)
-    first_values = first.initial_fit(counts)
+    first_values, _ = first.initial_fit(counts)
     assert rollout_error(drift, values, unseen) < 0.5 * rollout_error(first, first_values, unseen)
 
     # First-order data of the same stencil: the one-standard-error rule keeps the simpler law
@@ -284,14 +284,14 @@ def test_empirical_bayes_learns_a_known_memory_and_auto_switches_it():
     first_order = second_order_counts(8, memory=zero, seed=1)
     unseen = second_order_paths(4, memory=zero, T=20, offset=8)
     auto = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
-    values = auto.initial_fit(first_order)
-    first_values = first.initial_fit(first_order)
-    assert not auto.memory_on
+    values, posterior = auto.initial_fit(first_order)
+    first_values, _ = first.initial_fit(first_order)
+    assert not values["memory"].any() and "memory" not in auto.sample_linear(posterior, 2)
     assert rollout_error(auto, values, unseen) < 1.02 * rollout_error(first, first_values, unseen)
     drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
     # one sequence: no held-out rollout to judge by, the first-order law is kept
-    drift.initial_fit(counts[:1])
-    assert not drift.memory_on
+    values, _ = drift.initial_fit(counts[:1])
+    assert not values["memory"].any()
 
 
 def test_memory_spec_key_and_second_order_model_train_and_forecast(tmp_path):
@@ -302,9 +302,9 @@ def test_memory_spec_key_and_second_order_model_train_and_forecast(tmp_path):
                     'sigma_r_multinomial = 0.5\n[emission]\nkind = "normalized_multinomial"\n')
     counts = second_order_counts(4)
     model = load_model(spec, B_SYN)
-    assert model.transition.order == 1  # decided when fitted
+    assert model.transition.order == 2  # declared; the data set its weights
     inference = SVIInference(model, steps=30, progress=False).fit(counts)
-    assert model.transition.order == 2
+    assert inference.guide.theta.held["transition.drift.memory"].abs().max() > 0.01  # on
     f = forecast(model, inference.guide, counts, 5, num_samples=8, seed=0)
     assert f.mean.shape == (4, 15, B_SYN) and np.isfinite(f.mean).all()
     bad = tmp_path / "bad.toml"
@@ -317,7 +317,7 @@ def test_network_warm_start_rolls_out_with_memory(tmp_path):
     """A face-flux network beside memory: the warm start's rollouts carry X_{t-1}, so its
     one-step residuals (σ_r's start) are those of the second-order law: on second-order data
     2.0e-4 against 4.1e-4 without memory (and 4.0e-4 when the rollouts ignored it)."""
-    from cgpyro._warmstart import fit_drift_least_squares, hold_linear_part
+    from cgpyro._warmstart import empirical_bayes, fit_drift_least_squares
 
     counts = second_order_counts(6)
     sigmas = {}
@@ -327,9 +327,9 @@ def test_network_warm_start_rolls_out_with_memory(tmp_path):
                         f'kernel = 3\nmemory = {memory}\n[emission]\nkind = '
                         '"normalized_multinomial"\n')
         model = load_model(spec, B_SYN)
-        hold_linear_part(model, counts)
+        held, _ = empirical_bayes(model, counts)
         theta = fit_drift_least_squares(model, counts, model.init_values(
-            torch.Generator().manual_seed(0)))
+            torch.Generator().manual_seed(0)), held=held)
         sigmas[memory] = float(theta["transition.sigma_r"])
     assert sigmas["true"] < 0.5 * sigmas["false"]
 
@@ -356,7 +356,7 @@ def test_decay_prior_keeps_one_smooth_sequence_local():
     errors = {}
     for prior in ("flat", "decay"):
         drift = FluxDrift(B, radius=6, correction_radius=0, jump_prior=prior)
-        fit = drift.initial_fit(counts)
+        fit, _ = drift.initial_fit(counts)
         a, b = test.clone(), test.clone()
         for _ in range(10):
             a, b = a + drift.linear(a, fit), b + truth.linear(b, theta)
@@ -381,7 +381,7 @@ def test_dense_correction_learns_a_nonlocal_law_and_stays_off_a_local_one():
         errors = []
         for dense in (False, True):
             drift = FluxDrift(B, radius=3, correction_radius=0, dense=dense)
-            fit = drift.initial_fit(counts)
+            fit, _ = drift.initial_fit(counts)
             errors.append(((drift.linear(eye, fit) - exact).norm() / exact.norm()).item())
         return errors, fit
 
@@ -402,8 +402,8 @@ def test_dense_correction_learns_a_nonlocal_law_and_stays_off_a_local_one():
 
 
 def test_dense_auto_stops_at_its_bin_budget():
-    assert FluxDrift(32, dense="auto").dense and not FluxDrift(33, dense="auto").dense
-    assert not FluxDrift(64, dense=False).dense and FluxDrift(64, dense=True).dense
+    assert FluxDrift(32, dense="auto").dense_on and not FluxDrift(33, dense="auto").dense_on
+    assert not FluxDrift(64, dense=False).dense_on and FluxDrift(64, dense=True).dense_on
 
 
 @pytest.mark.parametrize("dense", [False, True])
@@ -426,7 +426,7 @@ def test_cross_validation_sums_fold_statistics_to_the_direct_fit():
     """The memory decision's training sets reuse per-fold regression statistics: summed over
     the kept folds they give the same empirical-Bayes fit as a pass over the kept sequences."""
     drift, counts = synthetic_counts(6)
-    drift.memory = True
+    drift.memory_mode = True
     frac = counts / counts.sum(-1, keepdim=True)
     k, held_fold = 3, 1
     x, dx, y = drift._pairs(frac, True)
@@ -448,7 +448,7 @@ def test_cross_validation_fits_at_most_max_pairs_per_training_set(monkeypatch):
     larger data set fits evenly spread pairs per training set (bounded cost at 10^5
     sequences), never a pass over every pair."""
     drift, counts = synthetic_counts(6)
-    drift.memory = "auto"
+    drift.memory_mode = "auto"
     frac = counts / counts.sum(-1, keepdim=True)
     rows = []
     gram = drift._gram
