@@ -16,7 +16,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from cgpyro.elbo import AnalyticTraceELBO
 from cgpyro.experiment import run_paper_experiment
-from cgpyro.guides import LogNormalGuide
+from cgpyro.guides import LogNormalGuide, training_pair
 from cgpyro.inference import empirical_bayes
 from cgpyro.specs import load_model
 from cgpyro.systems import simulate_dataset
@@ -60,7 +60,7 @@ def step_cost(n_steps: int = 200) -> list[dict]:
         model.vectorized = vectorized
         pyro.clear_param_store()
         guide = LogNormalGuide(model, counts, theta_held=held)
-        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=elbo())
+        svi = SVI(*training_pair(model, guide), pyro.optim.Adam({"lr": 1e-3}), loss=elbo())
         for _ in range(3):
             svi.step(counts)
         start = time.perf_counter()

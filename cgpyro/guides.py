@@ -33,6 +33,7 @@ __all__ = [
     "guide_for_new_sequences",
     "init_states_from_counts",
     "theta_map",
+    "training_pair",
 ]
 
 
@@ -546,6 +547,20 @@ def auto_guide(model, counts: torch.Tensor, theta_init=None, kind: str = "normal
 
 
 # =========================================================================== helpers
+def training_pair(model, guide):
+    """``(model, guide)`` to train with SVI: the θ the guide holds (``guide.theta.held``, set
+    by empirical Bayes) conditioned and hidden in the model (``poutine.condition`` +
+    ``poutine.block``) and hidden in the guide, so that they are constants outside the ELBO;
+    ``model`` itself is not changed. What :class:`~cgpyro.inference.SVIInference` trains;
+    use it for an SVI loop of one's own (``SVI(*training_pair(model, guide), optim, loss)``).
+    """
+    held = dict(getattr(getattr(guide, "theta", None), "held", None) or {})
+    if not held:
+        return model, guide
+    return (poutine.block(poutine.condition(model, data=held), hide=list(held)),
+            poutine.block(guide, hide=list(held)))
+
+
 def theta_map(guide) -> dict[str, torch.Tensor]:
     """θ_MAP (detached, fixed sites included) of a :class:`LogNormalGuide`,
     :class:`AmortizedGuide` or :func:`auto_guide`."""

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
 
 from . import _distributed
@@ -24,7 +23,7 @@ from ._warmstart import empirical_bayes, fit_drift_least_squares
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataError, as_counts
 from .elbo import AnalyticTraceELBO
-from .guides import AmortizedGuide, LogNormalGuide, own_parameters
+from .guides import AmortizedGuide, LogNormalGuide, own_parameters, training_pair
 from .virtual import annealing
 
 __all__ = ["SVIInference", "NumericalError", "as_counts", "empirical_bayes",
@@ -187,16 +186,6 @@ class SVIInference:
                              f"got {self.guide_factory!r}")
         guide.theta.linear_posterior = self._posterior
         return guide
-
-    def _training_pair(self, guide, held: dict[str, torch.Tensor]):
-        """``(model, guide)`` for SVI: the ``held`` θ conditioned and hidden in the model
-        (``poutine.condition`` + ``poutine.block``) and hidden in the guide, so that they are
-        constants outside the ELBO, and the user's model object is not changed."""
-        if not held:
-            return self.model, guide
-        held = {k: v.to(device=self.device) for k, v in held.items()}
-        return (poutine.block(poutine.condition(self.model, data=held), hide=list(held)),
-                poutine.block(guide, hide=list(held)))
 
     def _elbo(self):
         cls = AnalyticTraceELBO if self.elbo == "analytic" else Trace_ELBO
@@ -442,7 +431,7 @@ class SVIInference:
         if size == 1:
             self.guide = self._make_guide(counts, theta_init)
             optim = self._optimizer()
-            svi = SVI(*self._training_pair(self.guide, self._held), optim, loss=self._elbo())
+            svi = SVI(*training_pair(self.model, self.guide), optim, loss=self._elbo())
         else:
             counts, optim, svi = self._setup_shard(counts, theta_init, rank, size)
             if payload is not None:
@@ -475,7 +464,7 @@ class SVIInference:
         pyro.set_rng_seed(self.seed + rank)  # independent draws of q(X) per process
         optim, elbo = self._optimizer(), self._elbo()
         scale = _distributed.ScaleGlobal(1.0 / size)
-        model, guide = self._training_pair(self.guide, self._held)
+        model, guide = training_pair(self.model, self.guide)
         svi = SVI(scale(model), scale(guide), optim, loss=elbo.loss,
                   loss_and_grads=_distributed.all_reduced(elbo.loss_and_grads, shared))
         return counts, optim, svi
@@ -575,6 +564,6 @@ class SVIInference:
         run.step, run.loss_history, run.converged, run._last_saved = 0, [], False, None
         run._world = (0, 1)  # after data-parallel training too: this process's own sequences
         optim = run._optimizer()
-        run._loop(SVI(*self._training_pair(guide, held), optim, loss=self._elbo()), optim,
+        run._loop(SVI(*training_pair(self.model, guide), optim, loss=self._elbo()), optim,
                   counts, None)
         return guide

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 from contextlib import nullcontext
 
 import pyro
@@ -105,7 +104,9 @@ class CGModel(PyroModule):
     @pyro_method
     def _read_theta(self) -> dict[str, torch.Tensor]:
         # each attribute read is the site's pyro.sample (once per model call: PyroModule caches)
-        return {name: operator.attrgetter(name)(self) for name in self.site_names()}
+        return {f"{prefix}.{name}": getattr(module, name)
+                for prefix, module in self.named_modules()
+                for name in getattr(module, "declared_sites", ())}
 
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
         """The prior of every θ site (fixed ones included), by site name; a hierarchical

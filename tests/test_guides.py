@@ -17,6 +17,7 @@ from cgpyro.guides import (
     guide_for_new_sequences,
     init_states_from_counts,
     theta_map,
+    training_pair,
 )
 from cgpyro.inference import SVIInference, as_counts
 from cgpyro.model import CGModel
@@ -370,3 +371,31 @@ def test_users_own_svi_with_adam_and_subsampling_works():
     for _ in range(3):
         assert torch.isfinite(torch.tensor(svi.step(counts, subsample_size=2)))
     assert not torch.equal(before, guide.states()[0])
+
+
+def test_training_pair_holds_the_empirical_bayes_sites_outside_the_elbo():
+    """A user's own SVI on a fitted physics model: ``training_pair`` conditions and hides the
+    held θ, so the loss is the one SVIInference trains on (no auxiliary-site warning, finite)
+    and the held values stay as fitted; the plain model would score them as latent sites."""
+    import warnings
+
+    from cgpyro.specs import load_model
+
+    counts = as_counts(simulate_dataset(n_sequences=3, n_steps=4, n_particles=5000, n_bins=8,
+                                        seed=0)[0].counts)
+    model = load_model("physics", n_bins=8)
+    inference = SVIInference(model, steps=10, progress=False).fit(counts)
+    held = {k: v.clone() for k, v in inference.guide.theta.held.items()}
+    assert "transition.drift.jumps" in held and "transition.sigma_r" in held
+    pair = training_pair(model, inference.guide)
+    svi = SVI(*pair, pyro.optim.Adam({"lr": 1e-3}), loss=AnalyticTraceELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = svi.evaluate_loss(counts)
+        svi.step(counts)
+    assert math.isfinite(loss)
+    trained = inference._elbo().loss(*pair, counts)  # the same loss form as training
+    assert math.isfinite(trained)
+    assert all(torch.equal(inference.guide.theta.held[k], v) for k, v in held.items())
+    with pytest.warns(UserWarning, match="auxiliary vars in the model"):
+        Trace_ELBO().loss(model, inference.guide, counts)
