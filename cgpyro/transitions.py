@@ -259,7 +259,7 @@ class GaussianTransition(ThetaModule):
 
     @property
     def order(self) -> int:
-        """2 when the drift has a memory term in use (``p(X_{t+1} | X_t, X_{t-1})``), else 1."""
+        """2 when the drift declares a memory term (``p(X_{t+1} | X_t, X_{t-1})``), else 1."""
         return getattr(self.drift, "order", 1)
 
     def mean(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
@@ -347,12 +347,14 @@ class FluxDrift(ThetaModule):
       ``N(0, memory_scale)``, held by empirical Bayes like the jumps): the bin fractions alone
       do not carry the sub-bin state, so their exact CG law is not Markov (Mori-Zwanzig); the
       last increment tells where the mass sits inside the bins (second-order chain, see
-      :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` switches it on only where
+      :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` keeps its weights only where
       rollouts of held-out training sequences (cross-validation over up to 5 folds, one
-      standard error rule) improve with it: one sequence keeps the first-order law;
+      standard error rule) improve with them, and holds them at zero otherwise (the
+      first-order law): one sequence keeps the first-order law;
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
-      ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, so that
+      ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, site
+      ``total_ref`` held by empirical Bayes, so that
       interacting systems can depend on the absolute density); sites ``flux.{k}.weight``
       ``(out, in, kernel)``, ``flux.{k}.bias`` ``(out,)`` under ``N(0, weight_prior_scale)``;
       the last layer starts at zero (the drift starts as the linear stencil).
