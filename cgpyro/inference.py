@@ -173,7 +173,7 @@ class SVIInference:
 
     # ------------------------------------------------------------------ helpers
     def _make_guide(self, counts, theta_init):
-        held = {k: v.to(counts) for k, v in self._held.items()}
+        held = self._held  # the guide's ThetaMAP moves them to the guide's dtype and device
         if self.guide_factory == "lognormal":
             guide = LogNormalGuide(self.model, counts, theta_init=theta_init, theta_held=held)
         elif callable(self.guide_factory):

@@ -96,17 +96,20 @@ class CGModel(PyroModule):
         return tuple(self.vo.values())
 
     # ----------------------------------------------------------------- parameters θ
+    def _declared(self):
+        """``(site name, module, attribute)`` of every θ site, in declaration order."""
+        for prefix, module in self.named_modules():
+            for name in getattr(module, "declared_sites", ()):
+                yield f"{prefix}.{name}", module, name
+
     def site_names(self) -> list[str]:
         """Names of all parameter sites θ (fixed ones included), parents before children."""
-        return [f"{prefix}.{name}" for prefix, module in self.named_modules()
-                for name in getattr(module, "declared_sites", ())]
+        return [site for site, _, _ in self._declared()]
 
     @pyro_method
     def _read_theta(self) -> dict[str, torch.Tensor]:
         # each attribute read is the site's pyro.sample (once per model call: PyroModule caches)
-        return {f"{prefix}.{name}": getattr(module, name)
-                for prefix, module in self.named_modules()
-                for name in getattr(module, "declared_sites", ())}
+        return {site: getattr(module, name) for site, module, name in self._declared()}
 
     def priors(self, dtype=torch.float64, device=None) -> dict[str, dist.Distribution]:
         """The prior of every θ site (fixed ones included), by site name; a hierarchical
