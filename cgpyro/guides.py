@@ -19,7 +19,7 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_value
 from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroModule, PyroParam, pyro_method
 from pyro.nn.module import to_pyro_module_
 from torch import nn
 
@@ -134,6 +134,14 @@ class ThetaMAP(PyroModule):
             infer = {"is_auxiliary": True} if name in self.held else {}
             pyro.sample(name, dist.Delta(self._value(name), event_dim=event_dim), infer=infer)
 
+    @pyro_method
+    def learned(self) -> dict[str, torch.Tensor]:
+        """θ_MAP of the sites this guide trains (neither held nor constant), by site name:
+        the parameters themselves (differentiable; read as ``pyro.param``s, so that ``SVI``
+        finds them)."""
+        return {name: self._value(name) for name in self.event_dims
+                if name not in self.held and name not in self.constants}
+
     def values(self) -> dict[str, torch.Tensor]:
         """θ_MAP (detached) of the unfixed sites, held ones included, by site name."""
         return {name: self._value(name).detach() for name in self.event_dims}
@@ -176,6 +184,12 @@ class _Guide(PyroModule):
         # tensors, and PyroModule puts its own back. (module_local_params is no option:
         # pyro.optim names parameters, for per-parameter step sizes and optimizer state,
         # through the global store.)
+        self._own_store()
+        return super().__call__(*args, **kwargs)
+
+    def _own_store(self) -> None:
+        """What a call does before it reads its parameters (see ``__call__``); also run by
+        :class:`~cgpyro.elbo.FusedELBO`, which reads them without calling the guide."""
         if self._called:
             store = pyro.get_param_store()
             held = dict(store.named_parameters())
@@ -183,7 +197,6 @@ class _Guide(PyroModule):
                 if name in held and held[name] is not param:
                     del store[name]
         self._called = True
-        return super().__call__(*args, **kwargs)
 
     def theta_map(self) -> dict[str, torch.Tensor]:
         """θ_MAP (detached) by site name; fixed sites included."""
@@ -314,6 +327,13 @@ class LogNormalGuide(_Guide):
     def states(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loc, scale)`` of q(X), each ``(n_sequences, n_times, n_bins)``."""
         return self._states.X_loc.detach(), self._states.X_log_scale.detach().exp()
+
+    @pyro_method
+    def loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of q(X) as :meth:`states`, differentiable in the parameters (what
+        the guide's site ``X`` is built from, for :class:`~cgpyro.elbo.FusedELBO`; read as
+        ``pyro.param``s, so that ``SVI`` finds them)."""
+        return self._states.X_loc, self._states.X_log_scale.exp()
 
     def forward(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
                 resample_observed=False) -> None:

@@ -22,7 +22,7 @@ from ._threads import with_auto_threads
 from ._warmstart import empirical_bayes, fit_drift_least_squares
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataError, as_counts
-from .elbo import AnalyticTraceELBO
+from .elbo import AnalyticTraceELBO, FusedELBO
 from .guides import AmortizedGuide, LogNormalGuide, own_parameters, training_pair
 from .virtual import annealing
 
@@ -91,7 +91,9 @@ class SVIInference:
     :param callbacks: ``callback(step, loss, inference)``; a callback returning ``True`` stops.
     :param checkpoint: path of the checkpoint file (``None``: no checkpoints).
     :param elbo: ``"analytic"`` (:class:`~cgpyro.elbo.AnalyticTraceELBO`: closed-form
-        expectations of the data, constraint and entropy terms; same ELBO, lower variance) or
+        expectations of the data, constraint and entropy terms; same ELBO, lower variance;
+        with the lognormal guide, one particle and one process evaluated as
+        :class:`~cgpyro.elbo.FusedELBO`, the same estimator without Pyro traces per step) or
         ``"trace"`` (plain ``Trace_ELBO``).
     """
 
@@ -190,6 +192,15 @@ class SVIInference:
     def _elbo(self):
         cls = AnalyticTraceELBO if self.elbo == "analytic" else Trace_ELBO
         return cls(num_particles=self.num_particles, vectorize_particles=self.num_particles > 1)
+
+    def _svi(self, guide, optim) -> SVI:
+        """SVI of the model and ``guide`` (one process); ``elbo="analytic"`` with the lognormal
+        guide and one particle evaluates the same estimator fused (:class:`FusedELBO`)."""
+        if self.elbo == "analytic" and self.num_particles == 1 \
+                and FusedELBO.applies(self.model, guide):
+            elbo = FusedELBO(self.model, guide)
+            return SVI(*elbo.pair, optim, loss=elbo)
+        return SVI(*training_pair(self.model, guide), optim, loss=self._elbo())
 
     def _optim_args(self, name: str) -> dict:
         # θ (the parameters of the guide's MAP part) has its own step size
@@ -431,7 +442,7 @@ class SVIInference:
         if size == 1:
             self.guide = self._make_guide(counts, theta_init)
             optim = self._optimizer()
-            svi = SVI(*training_pair(self.model, self.guide), optim, loss=self._elbo())
+            svi = self._svi(self.guide, optim)
         else:
             counts, optim, svi = self._setup_shard(counts, theta_init, rank, size)
             if payload is not None:
@@ -564,6 +575,5 @@ class SVIInference:
         run.step, run.loss_history, run.converged, run._last_saved = 0, [], False, None
         run._world = (0, 1)  # after data-parallel training too: this process's own sequences
         optim = run._optimizer()
-        run._loop(SVI(*training_pair(self.model, guide), optim, loss=self._elbo()), optim,
-                  counts, None)
+        run._loop(self._svi(guide, optim), optim, counts, None)
         return guide

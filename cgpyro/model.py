@@ -168,10 +168,36 @@ class CGModel(PyroModule):
     def _part(self, theta, prefix):
         return {k[len(prefix):]: v for k, v in theta.items() if k.startswith(prefix)}
 
+    def state_chain(self, theta: dict[str, torch.Tensor], totals: torch.Tensor, n_times: int,
+                    dtype: torch.dtype | None = None) -> MarkovChain:
+        """``p(X_{0:T-1} | θ)`` of sequences with particle totals ``totals`` ``(n_sequences,)``:
+        batch ``(n_sequences,)``, event ``(n_times, n_bins)``; θ by full site name; states of
+        ``dtype`` (default: that of ``totals``)."""
+        trans_theta = self._part(theta, "transition.")
+
+        def step(x, x_prev=None):
+            return self.transition(x, trans_theta, totals, x_prev=x_prev)
+
+        x0 = self.initial(totals.shape, dtype or totals.dtype, totals.device)
+        return MarkovChain(step, n_times, init=x0, order=getattr(self.transition, "order", 1))
+
+    def emission_expected_log_prob(self, counts, loc, scale) -> torch.Tensor:
+        """``E_q[log p_cf(m | X)]`` per sequence under ``q(X) = LogNormal(loc, scale)``, each
+        ``(n_sequences, n_times, n_bins)``; returns ``(n_sequences,)``. Emissions without a
+        closed form have no such term (``None``)."""
+        if not hasattr(self.emission, "expected_log_prob"):
+            return None
+        return self.emission.expected_log_prob(counts, loc, scale).sum(-1)
+
+    def vo_sigma(self, vo: VirtualObservable, theta, max_total: float | None, like):
+        """σ_c of ``vo``: its learned site, or its tolerance at the current annealing
+        progress for data of at most ``max_total`` particles per snapshot."""
+        sigma = theta.get(f"vo.{vo.name}.sigma")
+        return like.new_tensor(vo.tolerance(max_total)) if sigma is None else sigma.to(like)
+
     def _vo_factors(self, x, theta, event_dim, max_total, suffix=""):
         for vo in self.virtual_observables:
-            sigma = theta.get(f"vo.{vo.name}.sigma")
-            sigma = x.new_tensor(vo.tolerance(max_total)) if sigma is None else sigma.to(x)
+            sigma = self.vo_sigma(vo, theta, max_total, x)
             c = vo(x)
             fn = dist.Normal(c, sigma).to_event(event_dim)
             infer = {}
@@ -181,6 +207,10 @@ class CGModel(PyroModule):
                     vo.expected_log_prob(sigma, loc, scale, event_dim)
                 )
             pyro.sample(f"vo.{vo.name}{suffix}", fn, obs=torch.zeros_like(c), infer=infer)
+
+    def max_total(self, totals: torch.Tensor) -> float | None:
+        """The largest snapshot's particles, for the mass constraint's σ_c cap (eq. 17)."""
+        return float(totals.max()) if self.emission.needs_mass_constraint else None
 
     # ----------------------------------------------------------------- the model
     def forward(
@@ -217,8 +247,7 @@ class CGModel(PyroModule):
             dtype, device = totals.dtype, totals.device
             n_seq = totals.shape[0]
         theta = self.sample_theta(torch.zeros((), dtype=dtype, device=device))
-        # the mass constraint's σ_c is capped for the data's largest snapshot (eq. 17)
-        max_total = float(totals.max()) if self.emission.needs_mass_constraint else None
+        max_total = self.max_total(totals)
         trans_theta = self._part(theta, "transition.")
         emis_theta = self._part(theta, "emission.")
 
@@ -233,12 +262,11 @@ class CGModel(PyroModule):
                 return self.transition(x, trans_theta, n_tot, x_prev=x_prev)
 
             if self.vectorized:
-                x0 = self.initial(idx.shape, dtype, device)
-                X = pyro.sample("X", MarkovChain(step, n_times, init=x0, order=order))
+                X = pyro.sample("X", self.state_chain(theta, n_tot, n_times, dtype))
                 infer = {}
                 if obs is not None and hasattr(self.emission, "expected_log_prob"):
                     infer["expected_log_prob"] = (  # closed form for AnalyticTraceELBO
-                        lambda loc, scale: self.emission.expected_log_prob(obs, loc, scale).sum(-1)
+                        lambda loc, scale: self.emission_expected_log_prob(obs, loc, scale)
                     )
                 with resample:
                     pyro.sample(

@@ -295,7 +295,16 @@ def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
     """Cholesky factor of a symmetric positive semi-definite ``H``, with the smallest jitter
     (relative to its mean diagonal) that makes it succeed: precise data (10^6+ particles) make
     the Gram matrix nearly singular in float64."""
+    return _jittered_cholesky(H)[0]
+
+
+def _jittered_cholesky(H: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(L, j)``: the Cholesky factor of ``H + j I`` of :func:`_robust_cholesky` and its
+    jitter ``j`` (0 where none was needed; ``L`` is differentiable through ``j = c · mean
+    diag H`` as well)."""
     L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        return L, 0.0
     eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
     jitter = 1e-14 * H.diagonal().abs().mean().clamp_min(1e-300)
     while int(info) > 0:
@@ -303,7 +312,54 @@ def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
             raise torch.linalg.LinAlgError("matrix is not positive definite even with jitter")
         L, info = torch.linalg.cholesky_ex(H + jitter * eye)
         jitter = jitter * 100
-    return L
+    return L, float(jitter.detach()) / 100
+
+
+def _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay: bool,
+                      grad: bool = False):
+    """``-log evidence / n_obs`` of Bayesian linear regression with Gram statistics ``G = ΦᵀΦ``
+    ``(P, P)``, ``r = Φᵀy``, ``yy = yᵀy`` and ``n_obs`` targets, weight ``i`` of prior
+    precision ``α_i = scale · exp(log τ_{groups_i} + rate · reach_i)`` and noise precision β;
+    ``log_h = (log τ_0, …, log τ_{g-1}, rate, log β)``. Returns ``(loss, m, α)`` (``m``: the
+    posterior mean) or, with ``grad``, ``(loss, d loss / d log_h)`` in closed form."""
+    n_groups = log_h.shape[0] - 2
+    rate = log_h[n_groups] if decay else 0.0
+    # precisions within e^±25 of the Gram scale: beyond, a weight is simply pinned at zero (or
+    # free), and exp(rate · reach) cannot overflow at long reaches
+    u = log_h[:n_groups][groups] + rate * reach
+    alpha = scale * u.clamp(-25.0, 25.0).exp()
+    beta = log_h[-1].exp()
+    H = torch.diag(alpha) + beta * G
+    L, jitter = _jittered_cholesky(H)
+    m = beta * torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    rss = yy - 2 * m @ r + m @ G @ m
+    ev = 0.5 * (torch.log(alpha).sum() + n_obs * torch.log(beta) - beta * rss
+                - m @ (alpha * m)) - torch.log(L.diagonal()).sum()
+    if not grad:
+        return -ev / n_obs, m, alpha
+    # The gradient in closed form, with one triangular inverse instead of back-propagation
+    # through the Cholesky factor (which made empirical Bayes 3x slower). With H' = H + j I
+    # (j: the jitter), m = β H'⁻¹ r maximises the evidence's integrand up to j m, so
+    # d ev / d α_i = (1/α_i - m_i² - H'⁻¹_ii) / 2 - j m_i (H'⁻¹m)_i and
+    # d ev / d β = (n/β - rss - tr H'⁻¹G) / 2 + j (H'⁻¹m)ᵀ(r - G m), where
+    # β tr(H'⁻¹G) = P - Σ_i (α_i + j) H'⁻¹_ii.
+    eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+    h_diag = torch.linalg.solve_triangular(L, eye, upper=False).pow(2).sum(0)
+    d_alpha = 0.5 * (1.0 / alpha - m.pow(2) - h_diag)
+    d_beta = 0.5 * (n_obs / beta - rss - (alpha.shape[0] - ((alpha + jitter) * h_diag).sum())
+                    / beta)
+    if jitter:  # j = c · mean(diag H) moves with H too: d ev / d j = -tr(H'⁻¹)/2 - j mᵀH'⁻¹m
+        v = torch.cholesky_solve(m.unsqueeze(-1), L).squeeze(-1)
+        d_jitter = (-0.5 * h_diag.sum() - jitter * m @ v) * jitter / H.diagonal().mean()
+        d_alpha = d_alpha - jitter * m * v + d_jitter / alpha.shape[0]
+        d_beta = d_beta + jitter * v @ (r - G @ m) + d_jitter * G.diagonal().mean()
+    d_u = alpha * d_alpha * ((u >= -25.0) & (u <= 25.0))
+    d_log_h = torch.zeros_like(log_h)
+    d_log_h[:n_groups].index_add_(0, groups, d_u)
+    if decay:
+        d_log_h[n_groups] = (d_u * reach).sum()
+    d_log_h[-1] = beta * d_beta
+    return -ev / n_obs, -d_log_h / n_obs
 
 
 # "auto" dense correction up to this many bins: B(B-1) = 992 weights; at 64 bins 4,032 weights
@@ -809,26 +865,14 @@ class FluxDrift(ThetaModule):
         log_h[-1] = math.log(n_obs / max(yy.item(), 1e-300))
         log_h.requires_grad_(True)
 
-        def neg_evidence():
-            rate = log_h[n_groups] if decay else 0.0
-            # precisions within e^±25 of the Gram scale: beyond, a weight is simply pinned at
-            # zero (or free), and exp(rate · reach) cannot overflow at long reaches
-            alpha = scale * (log_h[:n_groups][groups] + rate * reach).clamp(-25.0, 25.0).exp()
-            beta = log_h[-1].exp()
-            H = torch.diag(alpha) + beta * G
-            L = _robust_cholesky(H)
-            m = beta * torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
-            rss = yy - 2 * m @ r + m @ G @ m
-            ev = 0.5 * (torch.log(alpha).sum() + n_obs * torch.log(beta) - beta * rss
-                        - m @ (alpha * m)) - torch.log(L.diagonal()).sum()
-            return -ev / n_obs, m, alpha
+        def neg_evidence(grad: bool = False):
+            return _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay, grad)
 
         opt = torch.optim.LBFGS([log_h], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 
         def closure():
-            opt.zero_grad()
-            loss = neg_evidence()[0]
-            loss.backward()
+            with torch.no_grad():
+                loss, log_h.grad = neg_evidence(grad=True)
             return loss
 
         start = log_h.detach().clone()
