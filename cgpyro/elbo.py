@@ -123,8 +123,8 @@ class FusedELBO(ELBO):
     ``differentiable_loss`` take Pyro's ELBO arguments ``(model, guide, counts, **kwargs)``,
     where ``model`` and ``guide`` are that pair or its :attr:`pair`, so that ``SVI(*elbo.pair,
     optim, loss=elbo)`` trains as ``SVI(*training_pair(model, guide), optim,
-    AnalyticTraceELBO())`` does (one particle). A minibatch (``subsample_size`` below the number of
-    sequences) is delegated to :class:`AnalyticTraceELBO`.
+    AnalyticTraceELBO())`` does (one particle). A minibatch (``subsample_size``) is drawn by
+    the same plate and scaled to all sequences, as in the model.
     """
 
     def __init__(self, model, guide):
@@ -172,58 +172,60 @@ class FusedELBO(ELBO):
                         if site["type"] == "sample" and name in learned)
         return trace.nodes["_RETURN"]["value"], log_prior
 
-    def _traced_instead(self, model, guide, counts, kwargs) -> bool:
-        """Checks the pair; true for a minibatch (or arguments beyond ``counts, totals``),
+    def _traced_instead(self, model, guide, kwargs) -> bool:
+        """Checks the pair; true for arguments beyond ``counts, totals, subsample_size``,
         which :class:`AnalyticTraceELBO` evaluates."""
         if (model, guide) not in ((self.model, self.guide), self.pair):
             raise ValueError("FusedELBO evaluates the (model, guide) pair it was built with "
                              "(or its .pair); got another model or guide")
-        size = kwargs.get("subsample_size")
-        return bool(set(kwargs) - {"totals", "subsample_size"}) \
-            or (size is not None and size < counts.shape[0])
+        return bool(set(kwargs) - {"totals", "subsample_size"})
 
     def differentiable_loss(self, model, guide, counts, **kwargs):
         """``-ELBO`` (a differentiable scalar) for counts ``(n_sequences, n_times, n_bins)``
-        (keyword ``totals``: particles per sequence ``(n_sequences,)``)."""
-        if self._traced_instead(model, guide, counts, kwargs):
+        (keywords ``totals``: particles per sequence ``(n_sequences,)``; ``subsample_size``: a
+        minibatch of sequences, scaled to all of them as the model's plate does)."""
+        if self._traced_instead(model, guide, kwargs):
             return self._traced.differentiable_loss(*self.pair, counts, **kwargs)
-        return self._loss(counts, kwargs.get("totals"))
+        return self._loss(counts, **kwargs)
 
     def loss(self, model, guide, counts, **kwargs) -> float:
         """``-ELBO`` as a float."""
-        if self._traced_instead(model, guide, counts, kwargs):
+        if self._traced_instead(model, guide, kwargs):
             return self._traced.loss(*self.pair, counts, **kwargs)
         with torch.no_grad():
-            return torch_item(self._loss(counts, kwargs.get("totals")))
+            return torch_item(self._loss(counts, **kwargs))
 
     def loss_and_grads(self, model, guide, counts, **kwargs) -> float:
         """``-ELBO`` as a float; its gradients accumulate in the parameters it depends on."""
-        if self._traced_instead(model, guide, counts, kwargs):
+        if self._traced_instead(model, guide, kwargs):
             return self._traced.loss_and_grads(*self.pair, counts, **kwargs)
-        loss = self._loss(counts, kwargs.get("totals"))
+        loss = self._loss(counts, **kwargs)
         if loss.requires_grad:
             loss.backward()
         return torch_item(loss)
 
-    def _loss(self, counts, totals):
+    def _loss(self, counts, totals=None, subsample_size=None):
         model = self.model
-        if counts.shape[0] != self.guide.n_sequences \
-                or counts.shape[1:] != (self.guide.n_times, model.n_bins):
+        n = counts.shape[0]
+        if n != self.guide.n_sequences or counts.shape[1:] != (self.guide.n_times, model.n_bins):
             raise ValueError(f"counts of shape {tuple(counts.shape)}: the guide was built for "
                              f"{(self.guide.n_sequences, self.guide.n_times, model.n_bins)}")
         totals = counts[:, 0].sum(-1) if totals is None else totals
         self.guide._own_store()  # as a call of the guide would
-        theta, elbo = self._theta_and_log_prior(counts.new_zeros(()))
-        loc, scale = self.guide.loc_scale()
+        theta, log_prior = self._theta_and_log_prior(counts.new_zeros(()))
+        # the guide's plate: the same draw of the minibatch, then of X
+        with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
+            pass
+        loc, scale = self.guide.loc_scale(idx)
         q = LogNormal(loc, scale)
-        X = q.rsample()  # the guide's draw
-        elbo = elbo + model.state_chain(theta, totals, counts.shape[1], counts.dtype) \
-            .log_prob(X).sum()
-        expected = model.emission_expected_log_prob(counts, loc, scale)
+        X = q.rsample()
+        obs, n_tot = (counts, totals) if len(idx) == n else (counts[idx], totals[idx])
+        elbo = model.state_chain(theta, n_tot, counts.shape[1], counts.dtype).log_prob(X).sum()
+        expected = model.emission_expected_log_prob(obs, loc, scale)
         if expected is None:
             emission_theta = model._part(theta, "emission.")
-            expected = model.emission(X, totals.unsqueeze(-1), emission_theta) \
-                .to_event(1).log_prob(counts)
+            expected = model.emission(X, n_tot.unsqueeze(-1), emission_theta) \
+                .to_event(1).log_prob(obs)
         elbo = elbo + expected.sum()
         max_total = model.max_total(totals)
         for vo in model.virtual_observables:
@@ -234,4 +236,7 @@ class FusedELBO(ELBO):
                 c = vo(X)
                 elbo = elbo + pyro.distributions.Normal(c, sigma).log_prob(
                     torch.zeros_like(c)).sum()
-        return -(elbo + q.entropy().sum())
+        elbo = elbo + q.entropy().sum()
+        if len(idx) < n:  # the sequence plate's scale
+            elbo = elbo * (n / len(idx))
+        return -(log_prior + elbo)

@@ -259,16 +259,20 @@ class _LogNormalStates(PyroModule):
         self.vectorized = vectorized
         self.sparse_gradients = False
 
-    def forward(self, subsample_size=None) -> None:
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of the sequences ``idx``, each ``(len(idx), n_times, n_bins)``."""
         loc, log_scale = self.X_loc, self.X_log_scale
         n = loc.shape[0]
+        if len(idx) < n and self.sparse_gradients:
+            return _GatherRows.apply(loc, idx), _GatherRows.apply(log_scale, idx).exp()
+        if len(idx) < n:
+            return loc[idx], log_scale[idx].exp()
+        return loc[idx], log_scale.exp()[idx]
+
+    def forward(self, subsample_size=None) -> None:
+        n = self.X_loc.shape[0]
         with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
-            if len(idx) < n and self.sparse_gradients:
-                loc, scale = _GatherRows.apply(loc, idx), _GatherRows.apply(log_scale, idx).exp()
-            elif len(idx) < n:
-                loc, scale = loc[idx], log_scale[idx].exp()
-            else:
-                loc, scale = loc[idx], log_scale.exp()[idx]
+            loc, scale = self.rows(idx)
             if self.vectorized:
                 pyro.sample("X", dist.LogNormal(loc, scale).to_event(2))
             else:
@@ -329,11 +333,12 @@ class LogNormalGuide(_Guide):
         return self._states.X_loc.detach(), self._states.X_log_scale.detach().exp()
 
     @pyro_method
-    def loc_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(loc, scale)`` of q(X) as :meth:`states`, differentiable in the parameters (what
-        the guide's site ``X`` is built from, for :class:`~cgpyro.elbo.FusedELBO`; read as
-        ``pyro.param``s, so that ``SVI`` finds them)."""
-        return self._states.X_loc, self._states.X_log_scale.exp()
+    def loc_scale(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)`` of q(X) of the sequences ``idx`` (a minibatch or all), each
+        ``(len(idx), n_times, n_bins)``, differentiable in the parameters: what the guide's site
+        ``X`` is built from, for :class:`~cgpyro.elbo.FusedELBO` (read as ``pyro.param``s, so
+        that ``SVI`` finds them)."""
+        return self._states.rows(idx)
 
     def forward(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
                 resample_observed=False) -> None:
