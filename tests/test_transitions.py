@@ -408,14 +408,16 @@ def test_dense_auto_stops_at_its_bin_budget():
 
 @pytest.mark.parametrize("dense", [False, True])
 def test_linear_part_as_one_matrix_equals_the_gathered_form(dense):
-    """Unbatched θ takes the (B, B)-matrix form of the linear part (jumps, δ, dense, memory);
-    θ with a posterior-draw axis takes the gathered form: the same drift to rounding."""
+    """Unbatched θ on at least B states takes the (B, B)-matrix form of the linear part
+    (jumps, δ, dense, memory); θ with a posterior-draw axis, or fewer states, take the
+    gathered form: the same drift to rounding."""
     drift = FluxDrift(B_SYN, radius=3, correction_radius=1, dense=dense, memory=True)
     theta = random_theta(drift, seed=4)
-    x, x_prev = states(5, B_SYN, seed=1), states(5, B_SYN, seed=2)
-    assert drift._unbatched(theta, True)
+    x, x_prev = states(B_SYN, B_SYN, seed=1), states(B_SYN, B_SYN, seed=2)
+    assert drift._matrix_form(x, theta, True)
+    assert not drift._matrix_form(x[:-1], theta, True)
     batched = {k: v.unsqueeze(0) for k, v in theta.items()}
-    assert not drift._unbatched(batched, True)
+    assert not drift._matrix_form(x, batched, True)
     one = drift(x, theta, x_prev=x_prev)
     other = drift(x, batched, x_prev=x_prev).squeeze(0)
     assert one.abs().max() > 1e-3  # the comparison is not between zeros
