@@ -755,16 +755,24 @@ class FluxDrift(ThetaModule):
         return torch.tensor(groups)
 
     def _gram(self, x, dx, y, P: int) -> tuple:
-        """Sufficient statistics of the regression: ``(Φᵀ Φ, Φᵀ y, yᵀ y, number of y)``."""
-        G = torch.zeros(P, P, dtype=torch.float64)
-        r = torch.zeros(P, dtype=torch.float64)
-        chunk = max(1, 2**22 // (self.n_bins * P))  # in bounded memory
+        """Sufficient statistics of the regression: ``(Φᵀ Φ, Φᵀ y, yᵀ y, number of y)``.
+
+        The features are linear in ``z = (x, dx)``: ``Φ(z) = Σ_s z_s Φ(e_s)``. So ``ΦᵀΦ`` and
+        ``Φᵀy`` follow from the moments ``Σ z zᵀ`` and ``Σ z yᵀ`` and the features of the unit
+        states, at a cost independent of the number of pairs (a pass over the pairs' features
+        cost 8 s per fit at 8,192 pairs of 25 bins with the dense correction)."""
+        B = self.n_bins
+        eye = torch.eye(B, dtype=torch.float64)
+        basis = self._features(eye, None if dx is None else torch.zeros_like(eye))
+        z = x
+        if dx is not None:
+            basis = torch.cat([basis, self._features(torch.zeros_like(eye), eye)])
+            z = torch.cat([x, dx], -1)
+        basis = basis.reshape(z.shape[-1], B, P)  # (state s, output bin, feature)
         with torch.no_grad():
-            for i in range(0, x.shape[0], chunk):
-                Phi = self._features(x[i:i + chunk], None if dx is None else dx[i:i + chunk])
-                Phi = Phi.reshape(-1, P)
-                G += Phi.T @ Phi
-                r += Phi.T @ y[i:i + chunk].reshape(-1)
+            S, Q = z.T @ z, z.T @ y  # (Z, Z), (Z, B)
+            G = torch.einsum("st,srf,trg->fg", S, basis, basis)
+            r = torch.einsum("sr,srf->f", Q, basis)
         return G, r, y.pow(2).sum(), y.numel()
 
     def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None):
