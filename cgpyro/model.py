@@ -165,6 +165,12 @@ class CGModel(PyroModule):
         ``None``); ``x_prev`` matters only for a second-order transition (memory)."""
         return self.transition.mean(x, self._part(theta, "transition."), totals, x_prev)
 
+    def emission_dist(self, x: torch.Tensor, totals: torch.Tensor,
+                      theta: dict[str, torch.Tensor]):
+        """``p_cf(m | X = x)`` for θ by full site name: ``x`` ``(..., n_bins)``, ``totals``
+        broadcast against ``x[..., 0]``; batch ``x.shape[:-1]``, event ``(n_bins,)``."""
+        return self.emission(x, totals, self._part(theta, "emission."))
+
     def _part(self, theta, prefix):
         return {k[len(prefix):]: v for k, v in theta.items() if k.startswith(prefix)}
 

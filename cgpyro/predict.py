@@ -77,6 +77,7 @@ def forecast(
     keep_samples: bool = False,
     transition_noise: bool = False,
     epistemic: bool | None = None,
+    band_noise: bool | None = None,
 ) -> Forecast:
     """Sample ``q(X_{0:T})``, roll the CG law ``horizon`` steps, and sample p_cf (Algorithm 1).
 
@@ -85,6 +86,10 @@ def forecast(
     (``transition_noise=False``, default): for a linear mean law it has the same expectation as
     the average of noisy rollouts without their Monte Carlo noise (which otherwise grows with
     the horizon and shows up as mass error); ``transition_noise=True`` averages the noisy ones.
+    With ``band_noise=False`` the bands past the last snapshot are p_cf drawn around that
+    noise-free continuation instead: for independent particles the counts at a later step are,
+    given the FG state, nearly multinomial around the propagated density, so the rollout noise
+    would count the same fluctuation twice.
 
     :param model: a fitted :class:`~cgpyro.model.CGModel`.
     :param guide: the guide fitted to ``data``'s sequences (see
@@ -96,6 +101,9 @@ def forecast(
         empirical-Bayes posterior, one draw per sample, so that the bands include the
         uncertainty of θ (wide with one training sequence, negligible with many). ``None``
         (default): whenever the drift has such a posterior (``drift = "flux"``).
+    :param band_noise: bands from noisy rollouts (Algorithm 1) or from p_cf around the
+        noise-free continuation; ``None`` (default): the transition's ``forecast_noise``
+        (``True`` unless the model spec says otherwise). ``transition_noise=True`` needs it.
     """
     if isinstance(horizon, bool) or not isinstance(horizon, int | np.integer) or horizon < 0:
         raise ValueError(f"horizon must be a non-negative integer, got {horizon!r}")
@@ -104,6 +112,11 @@ def forecast(
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if band_noise is None:
+        band_noise = transition_noise or getattr(model.transition, "forecast_noise", True)
+    if transition_noise and not band_noise:
+        raise ValueError("band_noise=False draws the bands around the noise-free continuation: "
+                         "it needs transition_noise=False")
     counts = as_counts(data, device=_guide_device(guide))
     if counts.shape[-1] != model.n_bins:
         raise DataError(f"counts: expected {model.n_bins} bins (the model's n_bins), found "
@@ -148,6 +161,9 @@ def forecast(
         for t in range(T0, T0 + horizon):
             prev, before = model.transition_mean(prev, theta, totals, before), prev
             x[:, :, t] = prev
+        if not band_noise:
+            future = x[:, :, T0:]
+            m[:, :, T0:] = model.emission_dist(future, totals[:, None], theta).sample()
     frac = m / totals[:, None, None]
     probs = [p for level in LEVELS for p in ((1 - level) / 2, (1 + level) / 2)]
     q = torch.quantile(frac, torch.tensor(probs, dtype=frac.dtype, device=frac.device), dim=0)

@@ -34,6 +34,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     sigma_prior_scale = 0.1          # HalfCauchy(s) prior on σ_r
     sigma_r_multinomial = 0.25       # fix σ_r at 0.25 x the per-bin multinomial std of the
                                      # data (footnote 1); absent: σ_r is learned (MAP)
+    forecast_noise = true            # forecast bands: noisy rollouts (Algorithm 1) | false:
+                                     # p_cf around the noise-free continuation
     radius = "auto"                  # flux: jump reach in bins ("auto": ceil(B/4), >= 2)
     correction_radius = 2            # flux: reach of the per-bin (non-equivariant) correction
     channels = []                    # flux: conv face-flux network widths ([]: linear stencil)
@@ -129,7 +131,8 @@ AUTO_FAMILIES = ("normal", "lowrank")
 ELBOS = ("analytic", "trace")
 
 # [transition] keys that are GaussianTransition's arguments; the others are the drift's
-TRANSITION_KEYS = ("noise", "noise_ridge", "sigma_prior_scale", "sigma_r_multinomial")
+TRANSITION_KEYS = ("noise", "noise_ridge", "sigma_prior_scale", "sigma_r_multinomial",
+                   "forecast_noise")
 MODEL_KEYS = {
     "": ("name", "description", "vectorized", "cg", "transition", "prior", "emission",
          "virtual_observables", "fixed"),
@@ -138,7 +141,7 @@ MODEL_KEYS = {
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
                    "hyper_prior_scale", "memory", "memory_radius", "jump_prior",
-                   "dense"),
+                   "dense", "forecast_noise"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -315,6 +318,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
         weight_prior_scale=tr.get_number,
         sigma_prior_scale=tr.get_number,
         sigma_r_multinomial=tr.get_number,
+        forecast_noise=tr.get_bool,
     )}
     if transition.get("kernel", 1) % 2 == 0:
         tr.fail("kernel", f"expected an odd integer, found {transition['kernel']}")

@@ -196,11 +196,17 @@ class GaussianTransition(ThetaModule):
       covariance narrows them, at a cost: the tight slow modes make q(X_T) follow the dynamics
       rather than the last snapshot (see benchmarks/results.md).
 
+    ``forecast_noise`` (default ``True``, Algorithm 1): whether forecast bands roll the law with
+    this noise (:func:`~cgpyro.predict.forecast`), or draw p_cf around its noise-free
+    continuation (``False``: for a σ_r fixed as a smoothing device, ``sigma_r_multinomial``,
+    rather than estimated as the law's error).
+
     Sites: ``drift.*`` (see :class:`Drift`), ``sigma_r`` and (full noise) ``noise_tril``.
     """
 
     def __init__(self, drift: Drift, sigma_prior_scale: float = 0.1, noise: str = "isotropic",
-                 noise_ridge: float = 1e-4, sigma_r_multinomial: float | None = None):
+                 noise_ridge: float = 1e-4, sigma_r_multinomial: float | None = None,
+                 forecast_noise: bool = True):
         super().__init__()
         if noise not in ("isotropic", "full"):
             raise ValueError(f"noise must be 'isotropic' or 'full', got {noise!r}")
@@ -213,6 +219,9 @@ class GaussianTransition(ThetaModule):
         if sigma_r_multinomial is not None and not sigma_r_multinomial > 0:
             raise ValueError(f"sigma_r_multinomial must be positive, got {sigma_r_multinomial!r}")
         self.sigma_r_multinomial = sigma_r_multinomial
+        if not isinstance(forecast_noise, bool):
+            raise ValueError(f"forecast_noise must be True or False, got {forecast_noise!r}")
+        self.forecast_noise = forecast_noise
         self.declare("sigma_r", lambda self: dist.HalfCauchy(const(self.sigma_prior_scale)))
         if noise == "full":
             self.declare("noise_tril", lambda self: FlatCholesky(self.drift.n_bins,

@@ -140,6 +140,42 @@ def test_epistemic_needs_a_flux_drift(fitted):
         forecast(model, inference.guide, counts, 2, epistemic=True)
 
 
+def test_bands_without_rollout_noise_are_p_cf_around_the_noise_free_continuation(fitted):
+    """band_noise=False: the forecast fractions vary as the law of total variance says,
+    Var[m/N] = Var[X] + E[X(1 - X)] / N (multinomial p_cf around the noise-free X; 4,000 draws,
+    the variance estimate's relative std ~2 %: 10 % tolerance); with the rollout noise the same
+    step varies more."""
+    model, inference, counts = fitted
+    kw = dict(num_samples=4000, keep_samples=True, seed=1)
+    quiet = forecast(model, inference.guide, counts, 6, band_noise=False, **kw)
+    noisy = forecast(model, inference.guide, counts, 6, band_noise=True, **kw)
+    assert np.array_equal(quiet.mean, noisy.mean)  # only the bands differ
+    x, frac = quiet.samples_x[:, :, -1], quiet.samples_fractions[:, :, -1]
+    expected = x.var(0) + (x * (1 - x)).mean(0) / quiet.totals[:, None]
+    assert np.abs(frac.var(0) / expected - 1).max() < 0.1
+    assert noisy.samples_fractions[:, :, -1].var(0).mean() > 1.2 * frac.var(0).mean()
+    past = slice(0, counts.shape[1])  # the observed steps are the same draws either way
+    assert np.array_equal(quiet.samples_fractions[:, :, past], noisy.samples_fractions[:, :, past])
+    with pytest.raises(ValueError, match="needs transition_noise=False"):
+        forecast(model, inference.guide, counts, 2, band_noise=False, transition_noise=True)
+
+
+def test_band_noise_defaults_to_the_transition_setting(fitted):
+    model, inference, counts = fitted
+    assert model.transition.forecast_noise  # Algorithm 1 unless the spec says otherwise
+    default = forecast(model, inference.guide, counts, 3, num_samples=50, seed=2)
+    noisy = forecast(model, inference.guide, counts, 3, num_samples=50, seed=2, band_noise=True)
+    assert np.array_equal(default.lower, noisy.lower)
+    model.transition.forecast_noise = False
+    try:
+        off = forecast(model, inference.guide, counts, 3, num_samples=50, seed=2)
+        quiet = forecast(model, inference.guide, counts, 3, num_samples=50, seed=2,
+                         band_noise=False)
+    finally:
+        model.transition.forecast_noise = True
+    assert np.array_equal(off.lower, quiet.lower) and not np.array_equal(off.lower, noisy.lower)
+
+
 def test_intervals_at_every_level_are_nested(fitted):
     model, inference, counts = fitted
     f = forecast(model, inference.guide, counts, 4, num_samples=100)
