@@ -325,12 +325,14 @@ def _jittered_cholesky(H: torch.Tensor) -> tuple[torch.Tensor, float]:
 
 
 def _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay: bool,
-                      grad: bool = False):
+                      grad: bool = False, rate_scale: float | None = None):
     """``-log evidence / n_obs`` of Bayesian linear regression with Gram statistics ``G = ΦᵀΦ``
     ``(P, P)``, ``r = Φᵀy``, ``yy = yᵀy`` and ``n_obs`` targets, weight ``i`` of prior
     precision ``α_i = scale · exp(log τ_{groups_i} + rate · reach_i)`` and noise precision β;
-    ``log_h = (log τ_0, …, log τ_{g-1}, rate, log β)``. Returns ``(loss, m, α)`` (``m``: the
-    posterior mean) or, with ``grad``, ``(loss, d loss / d log_h)`` in closed form."""
+    ``log_h = (log τ_0, …, log τ_{g-1}, rate, log β)``. With ``rate_scale`` (and ``decay``)
+    the rate's hyperprior ``N(0, rate_scale)`` is added (MAP-II). Returns ``(loss, m, α)``
+    (``m``: the posterior mean) or, with ``grad``, ``(loss, d loss / d log_h)`` in closed
+    form."""
     n_groups = log_h.shape[0] - 2
     rate = log_h[n_groups] if decay else 0.0
     # precisions within e^±25 of the Gram scale: beyond, a weight is simply pinned at zero (or
@@ -344,6 +346,9 @@ def _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay: bool,
     rss = yy - 2 * m @ r + m @ G @ m
     ev = 0.5 * (torch.log(alpha).sum() + n_obs * torch.log(beta) - beta * rss
                 - m @ (alpha * m)) - torch.log(L.diagonal()).sum()
+    hyper = decay and rate_scale is not None
+    if hyper:
+        ev = ev - 0.5 * (rate / rate_scale) ** 2
     if not grad:
         return -ev / n_obs, m, alpha
     # The gradient in closed form, with one triangular inverse instead of back-propagation
@@ -366,10 +371,14 @@ def _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay: bool,
     d_log_h = torch.zeros_like(log_h)
     d_log_h[:n_groups].index_add_(0, groups, d_u)
     if decay:
-        d_log_h[n_groups] = (d_u * reach).sum()
+        d_log_h[n_groups] = (d_u * reach).sum() - (rate / rate_scale**2 if hyper else 0.0)
     d_log_h[-1] = beta * d_beta
     return -ev / n_obs, -d_log_h / n_obs
 
+
+# the decay rate's hyperprior N(0, 1): the rate multiplies reaches of a few bins, so rates
+# beyond ~3 already pin every jump past the nearest ones at zero
+DECAY_RATE_PRIOR_SCALE = 1.0
 
 # "auto" dense correction up to this many bins: B(B-1) = 992 weights; at 64 bins 4,032 weights
 # would cost minutes of evidence steps, and there the local model is at the floor already.
@@ -400,7 +409,13 @@ class FluxDrift(ThetaModule):
       ``jump_scale, correction_scale ~ HalfCauchy(hyper_prior_scale)``: the data decide how far
       the dynamics departs from locality and translation invariance. The linear part and its
       scales are set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence
-      with the jumps integrated out, MAP-II; the jumps are their posterior mean) and held there;
+      with the jumps integrated out, MAP-II; the jumps are their posterior mean) and held there.
+      One to a few sequences leave the decay rate poorly determined (the evidence is nearly
+      flat over rates 2-6, and the rate decides how much of the transport the second-nearest
+      jumps carry), so with ``"decay"`` the law is averaged over two estimates that bracket
+      it: type-II maximum likelihood, and MAP-II under the rate's ``N(0, 1)`` hyperprior (the
+      weights are the mean of the two posterior means; :meth:`sample_linear` draws from
+      both, half each). With many sequences the two agree;
     - dense correction (optional, ``dense``): a rate ``D_{i,j}`` from every bin ``j`` to every
       other bin ``i`` (site ``dense``, ``(B, B)``, diagonal unused) under ``N(0, dense_scale)``,
       held by empirical Bayes like δ: the non-local, non-equivariant departure that a
@@ -548,7 +563,8 @@ class FluxDrift(ThetaModule):
 
         self.declare("jump_scale", hyper)
         if self.jump_prior == "decay":
-            self.declare("jump_decay", lambda _: dist.Normal(const(0.0), const(1.0)))
+            self.declare("jump_decay", lambda _: dist.Normal(const(0.0),
+                                                             const(DECAY_RATE_PRIOR_SCALE)))
             # the exponent is bounded so that far reaches never underflow to a zero scale
             self.declare("jumps", lambda self: dist.Normal(
                 const(0.0), self.jump_scale.unsqueeze(-1) * torch.exp(
@@ -731,7 +747,8 @@ class FluxDrift(ThetaModule):
         :param max_pairs: at most this many (evenly spread) pairs of snapshots are used.
         :returns: ``(values, posterior)``: the values of :meth:`held_sites` (relative names)
             and the Gaussian posterior of the linear weights ``(mean, Cholesky factor of the
-            covariance)``, for :meth:`sample_linear`.
+            covariance)``, for :meth:`sample_linear`; with the decay prior an equal mixture of
+            two, ``(means (2, P), factors (2, P, P))``.
         """
         frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
         if self.memory_mode == "auto":
@@ -739,7 +756,7 @@ class FluxDrift(ThetaModule):
                           and self._memory_helps(frac, max_pairs))
         else:
             memory = bool(self.memory_mode) and frac.shape[1] >= 3
-        values, posterior = self._fit_linear(frac, memory, max_pairs)
+        values, posterior = self._fit_linear(frac, memory, max_pairs, hedge=True)
         if self.channels:
             values["total_ref"] = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
         return values, posterior
@@ -791,7 +808,11 @@ class FluxDrift(ThetaModule):
                 r += torch.einsum("srf,sr->f", features(unit[i:i + chunk]), Q[i:i + chunk])
         return G, r, y.pow(2).sum(), y.numel()
 
-    def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None):
+    def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None, hedge: bool = False):
+        """Empirical Bayes on the pairs of ``frac`` (or their ``stats``). With ``hedge`` and the
+        decay prior, the law averaged over the two estimates of the decay rate (see the class
+        docstring): weights the mean of the two posterior means, posterior their equal mixture
+        (means ``(2, P)``, Cholesky factors ``(2, P, P)``)."""
         groups = self._groups(memory)
         if stats is None:
             x, dx, y = self._pairs(frac, memory)
@@ -800,7 +821,16 @@ class FluxDrift(ThetaModule):
                 x, y = x[keep], y[keep]
                 dx = None if dx is None else dx[keep]
             stats = self._gram(x, dx, y, len(groups))
-        return self._evidence_fit(*stats, groups)
+        values, posterior = self._evidence_fit(*stats, groups)
+        if not (hedge and self.jump_prior == "decay"):
+            return values, posterior
+        other, other_posterior = self._evidence_fit(*stats, groups,
+                                                    rate_scale=DECAY_RATE_PRIOR_SCALE)
+        for name in ("jumps", "delta", "dense", "memory"):
+            if name in values:
+                values[name] = 0.5 * (values[name] + other[name])
+        return values, tuple(torch.stack(pair) for pair in zip(posterior, other_posterior,
+                                                                strict=True))
 
     def _memory_helps(self, frac, max_pairs: int, max_folds: int = 5) -> bool:
         """Cross-validation with the one-standard-error rule: fit with and without memory on all
@@ -848,10 +878,18 @@ class FluxDrift(ThetaModule):
         """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)``, ``dense``
         ``(S, 1, B, B)`` and (memory used) ``memory`` ``(S, 1, 2·memory_radius + 1)`` from the
         empirical-Bayes Gaussian ``posterior`` of :meth:`initial_fit` (``S`` = ``num_samples``;
-        the singleton axis broadcasts over sequences)."""
+        the singleton axis broadcasts over sequences); of a mixture, draw ``s`` comes from
+        component ``s mod K``."""
         m, L = posterior
-        eps = torch.randn(num_samples, m.shape[0], dtype=m.dtype)
-        w = (m + eps @ L.T).unsqueeze(1)
+        eps = torch.randn(num_samples, m.shape[-1], dtype=m.dtype)
+        if m.dim() == 1:
+            w = (m + eps @ L.T).unsqueeze(1)
+        else:  # an equal mixture: draw s from component s mod K
+            comp = torch.arange(num_samples) % m.shape[0]
+            w = torch.empty_like(eps)
+            for k in range(m.shape[0]):
+                w[comp == k] = m[k] + eps[comp == k] @ L[k].T
+            w = w.unsqueeze(1)
         B = self.n_bins
         nj, nd, nD = 2 * self.radius, B * 2 * self.correction_radius, self._n_dense()
         out = {"jumps": w[..., :nj]}
@@ -860,7 +898,7 @@ class FluxDrift(ThetaModule):
                                                       2 * self.correction_radius)
         if self.dense_on:
             out["dense"] = self._dense_matrix(w[..., nj + nd:nj + nd + nD])
-        if m.shape[0] > nj + nd + nD:  # the memory term is used
+        if m.shape[-1] > nj + nd + nD:  # the memory term is used
             out["memory"] = w[..., nj + nd + nD:]
         return out
 
@@ -874,7 +912,7 @@ class FluxDrift(ThetaModule):
         D[..., ~torch.eye(B, dtype=torch.bool, device=w.device)] = w
         return D
 
-    def _evidence_fit(self, G, r, yy, n_obs, groups):
+    def _evidence_fit(self, G, r, yy, n_obs, groups, rate_scale: float | None = None):
         """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
         1 δ, 2 memory, 3 dense — an absent group's entry is idle; with ``jump_prior="decay"``
         the jumps' precision grows as ``exp(jump_decay · (|k| - 1))``), and the noise precision
@@ -894,7 +932,8 @@ class FluxDrift(ThetaModule):
         log_h.requires_grad_(True)
 
         def neg_evidence(grad: bool = False):
-            return _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay, grad)
+            return _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay, grad,
+                                     rate_scale)
 
         opt = torch.optim.LBFGS([log_h], lr=1.0, max_iter=100, line_search_fn="strong_wolfe")
 

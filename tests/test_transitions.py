@@ -463,8 +463,9 @@ def test_cross_validation_fits_at_most_max_pairs_per_training_set(monkeypatch):
     assert len(rows) == 10 and sum(rows) == 6 * 9 + 6 * 8  # each fold once per variant
 
 
-@pytest.mark.parametrize("decay", [False, True])
-def test_closed_form_evidence_gradient_equals_autograd(decay):
+@pytest.mark.parametrize("decay, rate_scale", [(False, None), (True, None), (True, 1.0),
+                                               (False, 1.0)])
+def test_closed_form_evidence_gradient_equals_autograd(decay, rate_scale):
     """Empirical Bayes steps L-BFGS with the evidence's closed-form gradient: it equals
     back-propagation through the Cholesky factor (1e-10 relative) at random hyperparameters,
     a precision clamped at e^25 (zero gradient there) and a singular Gram matrix (jitter)."""
@@ -491,11 +492,17 @@ def test_closed_form_evidence_gradient_equals_autograd(decay):
             alpha = scale * torch.full((P,), math.exp(-25.0), dtype=torch.float64)
             jitter_used.append(torch.linalg.cholesky_ex(torch.diag(alpha) + math.exp(20) * G)[1])
         log_h.requires_grad_(True)
-        loss = _neg_log_evidence(log_h, G, r, yy, n, groups, reach, scale, decay)[0]
+        loss = _neg_log_evidence(log_h, G, r, yy, n, groups, reach, scale, decay,
+                                 rate_scale=rate_scale)[0]
         (expected,) = torch.autograd.grad(loss, log_h)
         with torch.no_grad():
             value, grad = _neg_log_evidence(log_h, G, r, yy, n, groups, reach, scale, decay,
-                                            grad=True)
+                                            grad=True, rate_scale=rate_scale)
+            if decay and rate_scale:  # the hyperprior's own term, -log N(rate; 0, s) + const
+                plain = _neg_log_evidence(log_h, G, r, yy, n, groups, reach, scale, decay)[0]
+                assert (value - plain).item() == pytest.approx(  # rounding of the large loss
+                    0.5 * (log_h[3] / rate_scale).item() ** 2 / n, rel=1e-9,
+                    abs=1e-14 * abs(plain.item()))
         assert value.item() == pytest.approx(loss.item(), rel=1e-14)
         assert expected.abs().max() > 1e-4
         torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
@@ -522,3 +529,34 @@ def test_regression_statistics_from_moments_equal_a_pass_over_the_features(memor
     torch.testing.assert_close(r, Phi.T @ y.reshape(-1), rtol=1e-12,
                                atol=1e-12 * r.abs().max().item())
     assert yy.item() == pytest.approx(y.pow(2).sum().item(), rel=1e-14)
+
+
+def test_decay_prior_averages_the_law_over_two_estimates_of_its_rate():
+    """With the decay prior the held weights are the mean of the type-II ML fit and the MAP-II
+    fit under the rate's N(0, 1) hyperprior, whose rate is smaller; the posterior is their equal
+    mixture, and sample_linear draws s from component s mod 2. One sequence leaves the two
+    far apart; 32 sequences bring them together."""
+    from cgpyro.systems import simulate_dataset
+
+    data, _ = simulate_dataset(n_sequences=32, n_steps=9, n_particles=20_000, n_bins=10, seed=0)
+    counts = torch.as_tensor(data.counts, dtype=torch.float64)
+    gaps = {}
+    for n in (1, 32):
+        drift = FluxDrift(10, correction_radius=1)
+        values, (means, factors) = drift.initial_fit(counts[:n])
+        assert means.shape[0] == factors.shape[0] == 2 and factors.dim() == 3
+        nj = 2 * drift.radius
+        torch.testing.assert_close(values["jumps"], means[:, :nj].mean(0))
+        frac = counts[:n] / counts[:n].sum(-1, keepdim=True)
+        ml, _ = drift._fit_linear(frac, False, 8192)
+        torch.testing.assert_close(ml["jumps"], means[0, :nj])
+        assert values["jump_decay"] == ml["jump_decay"]  # the held rate: type-II ML
+        x, dx, y = drift._pairs(frac, False)
+        stats = drift._gram(x, dx, y, len(drift._groups(False)))
+        hyper, _ = drift._evidence_fit(*stats, drift._groups(False), rate_scale=1.0)
+        torch.testing.assert_close(hyper["jumps"], means[1, :nj])
+        assert 0 < hyper["jump_decay"] < ml["jump_decay"]
+        gaps[n] = (means[0, :nj] - means[1, :nj]).abs().max() / means[0, :nj].abs().max()
+        draws = drift.sample_linear((means, factors * 1e-9), 6)["jumps"][:, 0]
+        torch.testing.assert_close(draws, means[torch.arange(6) % 2, :nj], rtol=0, atol=1e-8)
+    assert gaps[1] > 0.02 and gaps[32] < 0.1 * gaps[1]  # measured: 0.049 and 0.0006
