@@ -376,8 +376,8 @@ def _neg_log_evidence(log_h, G, r, yy, n_obs, groups, reach, scale, decay: bool,
     return -ev / n_obs, -d_log_h / n_obs
 
 
-# the decay rate's hyperprior N(0, 1): the rate multiplies reaches of a few bins, so rates
-# beyond ~3 already pin every jump past the nearest ones at zero
+# the decay rate's hyperprior N(0, 1): the rate multiplies reaches of a few bins (at 3 the prior
+# std of a jump two bins out is already 0.22 of the nearest one's)
 DECAY_RATE_PRIOR_SCALE = 1.0
 
 # "auto" dense correction up to this many bins: B(B-1) = 992 weights; at 64 bins 4,032 weights
@@ -410,12 +410,12 @@ class FluxDrift(ThetaModule):
       the dynamics departs from locality and translation invariance. The linear part and its
       scales are set by empirical Bayes (:meth:`initial_fit`: the scales maximise the evidence
       with the jumps integrated out, MAP-II; the jumps are their posterior mean) and held there.
-      One to a few sequences leave the decay rate poorly determined (the evidence is nearly
-      flat over rates 2-6, and the rate decides how much of the transport the second-nearest
-      jumps carry), so with ``"decay"`` the law is averaged over two estimates that bracket
-      it: type-II maximum likelihood, and MAP-II under the rate's ``N(0, 1)`` hyperprior (the
+      One to a few sequences leave the decay rate poorly determined (its two estimates below
+      lie at about 3-5 and 2-3, 0.5-3 nats of evidence apart, and the rate decides how much of
+      the transport the second-nearest jumps carry), so with ``"decay"`` the law is averaged
+      over both: type-II maximum likelihood, and MAP-II under the rate's ``N(0, 1)`` hyperprior (the
       weights are the mean of the two posterior means; :meth:`sample_linear` draws from
-      both, half each). With many sequences the two agree;
+      both, half each). With many sequences the two laws agree;
     - dense correction (optional, ``dense``): a rate ``D_{i,j}`` from every bin ``j`` to every
       other bin ``i`` (site ``dense``, ``(B, B)``, diagonal unused) under ``N(0, dense_scale)``,
       held by empirical Bayes like δ: the non-local, non-equivariant departure that a
