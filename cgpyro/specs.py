@@ -42,7 +42,7 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     kernel = 5                       # flux: odd conv kernel width (bins)
     hyper_prior_scale = 1.0          # flux: HalfCauchy(s) hyperprior on the prior scales
     memory = false                   # flux: + Σ_k c_k (X_t - X_{t-1})_{j-k}: true | false |
-                                     # "auto" (on where held-out training rollouts improve)
+                                     # "auto" (on where the evidence prefers it)
     memory_radius = 1                # flux: reach of the memory stencil (bins)
     jump_prior = "decay"             # flux: prior variance of a jump falls off with its reach
                                      # at a learned rate (locality) | "flat" (one scale)

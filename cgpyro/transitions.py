@@ -428,8 +428,8 @@ class FluxDrift(ThetaModule):
       do not carry the sub-bin state, so their exact CG law is not Markov (Mori-Zwanzig); the
       last increment tells where the mass sits inside the bins (second-order chain, see
       :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` keeps its weights only where
-      rollouts of held-out training sequences (cross-validation over up to 5 folds, one
-      standard error rule) improve with them, and holds them at zero otherwise (the
+      the evidence of the second-order law exceeds that of the first-order one (Bayesian
+      model comparison on the same increments), and holds them at zero otherwise (the
       first-order law): one sequence keeps the first-order law;
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
@@ -727,8 +727,8 @@ class FluxDrift(ThetaModule):
     @property
     def order(self) -> int:
         """2 with a memory term (``p(X_{t+1} | X_t, X_{t-1})``), else 1. With ``memory="auto"``
-        the term is declared and the data decide its weights (zero where cross-validation
-        rejects it: the same law as first order)."""
+        the term is declared and the data decide its weights (zero where the evidence rejects
+        it: the same law as first order)."""
         return 2 if self.memory_mode else 1
 
     def initial_fit(self, counts: torch.Tensor, max_pairs: int = 8192) -> tuple[dict, tuple]:
@@ -815,64 +815,40 @@ class FluxDrift(ThetaModule):
         (means ``(2, P)``, Cholesky factors ``(2, P, P)``)."""
         groups = self._groups(memory)
         if stats is None:
-            x, dx, y = self._pairs(frac, memory)
-            if x.shape[0] > max_pairs:  # evenly spread pairs: plenty for the few hundred weights
-                keep = torch.linspace(0, x.shape[0] - 1, max_pairs).round().long()
-                x, y = x[keep], y[keep]
-                dx = None if dx is None else dx[keep]
+            x, dx, y = self._spread_pairs(frac, memory, max_pairs)
             stats = self._gram(x, dx, y, len(groups))
-        values, posterior = self._evidence_fit(*stats, groups)
+        values, posterior, _ = self._evidence_fit(*stats, groups)
         if not (hedge and self.jump_prior == "decay"):
             return values, posterior
-        other, other_posterior = self._evidence_fit(*stats, groups,
-                                                    rate_scale=DECAY_RATE_PRIOR_SCALE)
+        other, other_posterior, _ = self._evidence_fit(*stats, groups,
+                                                       rate_scale=DECAY_RATE_PRIOR_SCALE)
         for name in ("jumps", "delta", "dense", "memory"):
             if name in values:
                 values[name] = 0.5 * (values[name] + other[name])
         return values, tuple(torch.stack(pair) for pair in zip(posterior, other_posterior,
                                                                 strict=True))
 
-    def _memory_helps(self, frac, max_pairs: int, max_folds: int = 5) -> bool:
-        """Cross-validation with the one-standard-error rule: fit with and without memory on all
-        but one of up to ``max_folds`` folds of sequences, roll the held-out sequences out from
-        their first two snapshots, and keep memory only if it lowers their L1 error by more
-        than one standard error of the paired per-sequence differences (the simpler law wins
-        ties and noise)."""
-        n = frac.shape[0]
-        k = min(n, max_folds)
-        # Each fold's regression statistics once; a training set's are the sum over its folds,
-        # not a new pass over its features. Only where no training set needs subsampling of
-        # its pairs (else each fits max_pairs of them, as a direct fit does).
-        fold_stats = {False: None, True: None}
+    def _spread_pairs(self, frac, memory: bool, max_pairs: int):
+        """:meth:`_pairs`, at most ``max_pairs`` of them, evenly spread: plenty for the few
+        hundred weights."""
+        x, dx, y = self._pairs(frac, memory)
+        if x.shape[0] > max_pairs:
+            keep = torch.linspace(0, x.shape[0] - 1, max_pairs).round().long()
+            x, y = x[keep], y[keep]
+            dx = None if dx is None else dx[keep]
+        return x, dx, y
+
+    def _memory_helps(self, frac, max_pairs: int) -> bool:
+        """Bayesian model comparison: the second-order law is kept only if its log evidence
+        (type-II ML) exceeds the first-order law's on the same targets, the increments from
+        ``t = 1`` on. The evidence charges the memory weights their Occam factor."""
+        x, dx, y = self._spread_pairs(frac, True, max_pairs)
+        evidence = {}
         for memory in (False, True):
-            x, dx, y = self._pairs(frac, memory)
-            per_seq = x.shape[0] // n
-            if (n - n // k) * per_seq > max_pairs:  # the largest training set
-                continue
-            fold = torch.arange(n).repeat_interleave(per_seq) % k
-            P = len(self._groups(memory))
-            fold_stats[memory] = [self._gram(x[fold == f], None if dx is None else dx[fold == f],
-                                             y[fold == f], P) for f in range(k)]
-        diff = torch.zeros(n, dtype=torch.float64)  # per sequence: error with - without
-        for fold in range(k):
-            held = torch.arange(fold, n, k)
-            kept = torch.tensor([i for i in range(n) if i % k != fold])
-            for memory, sign in ((False, -1.0), (True, 1.0)):
-                stats = None
-                if fold_stats[memory] is not None:
-                    others = [st for f, st in enumerate(fold_stats[memory]) if f != fold]
-                    stats = tuple(sum(parts) for parts in zip(*others, strict=True))
-                values, _ = self._fit_linear(frac[kept], memory, max_pairs, stats)
-                x_prev, x = frac[held, 0], frac[held, 1]
-                with torch.no_grad():
-                    for t in range(2, frac.shape[1]):
-                        nxt = x + self.linear(x, values)
-                        if memory:
-                            nxt = nxt + self._memory_term(x, x_prev, values["memory"])
-                        x_prev, x = x, nxt
-                        diff[held] += sign * (x - frac[held, t]).abs().sum(-1)
-        se = diff.std() / math.sqrt(n) if n > 1 else torch.tensor(0.0)
-        return bool(diff.mean() + se < 0)
+            groups = self._groups(memory)
+            stats = self._gram(x, dx if memory else None, y, len(groups))
+            evidence[memory] = self._evidence_fit(*stats, groups)[2]
+        return evidence[True] > evidence[False]
 
     def sample_linear(self, posterior: tuple, num_samples: int) -> dict[str, torch.Tensor]:
         """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)``, ``dense``
@@ -916,9 +892,9 @@ class FluxDrift(ThetaModule):
         """MAP-II: one prior precision per group of weights (``groups``: ``(P,)`` ids 0 jumps,
         1 δ, 2 memory, 3 dense — an absent group's entry is idle; with ``jump_prior="decay"``
         the jumps' precision grows as ``exp(jump_decay · (|k| - 1))``), and the noise precision
-        maximise the evidence; returns
-        the values of :meth:`held_sites` and the Gaussian posterior
-        ``(mean, Cholesky factor of cov)``."""
+        maximise the evidence (with ``rate_scale``: times the decay rate's hyperprior); returns
+        the values of :meth:`held_sites`, the Gaussian posterior ``(mean, Cholesky factor of
+        cov)`` and the maximised log evidence (with the hyperprior's log density, if any)."""
         n_groups = int(groups.max()) + 1
         scale = G.diagonal().mean().clamp_min(1e-300)
         nj, nd = 2 * self.radius, self.n_bins * 2 * self.correction_radius
@@ -951,10 +927,10 @@ class FluxDrift(ThetaModule):
             if not torch.isfinite(log_h).all():
                 log_h.copy_(start)
             try:
-                _, m, alpha = neg_evidence()
+                loss, m, alpha = neg_evidence()
             except torch.linalg.LinAlgError:
                 log_h.copy_(start)
-                _, m, alpha = neg_evidence()
+                loss, m, alpha = neg_evidence()
             # Gaussian posterior of the linear part (exact given the scales): for forecasts
             # with epistemic uncertainty (:meth:`sample_linear`).
             H = torch.diag(alpha) + log_h[-1].exp() * G
@@ -978,4 +954,4 @@ class FluxDrift(ThetaModule):
                                                                                dtype=m.dtype)
             values["memory"] = m[nj + nd:].clone() if on else torch.zeros(
                 2 * self.memory_radius + 1, dtype=m.dtype)
-        return values, posterior
+        return values, posterior, -loss.item() * n_obs
