@@ -751,12 +751,15 @@ class FluxDrift(ThetaModule):
             two, ``(means (2, P), factors (2, P, P))``.
         """
         frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
+        stats = fit = None
         if self.memory_mode == "auto":
-            memory = bool(frac.shape[0] >= 2 and frac.shape[1] >= 3
-                          and self._memory_helps(frac, max_pairs))
+            memory = frac.shape[0] >= 2 and frac.shape[1] >= 3
+            if memory:  # the comparison's second-order fit is the one kept, if memory wins
+                memory, stats, fit = self._memory_helps(frac, max_pairs)
+                stats, fit = (stats, fit) if memory else (None, None)
         else:
             memory = bool(self.memory_mode) and frac.shape[1] >= 3
-        values, posterior = self._fit_linear(frac, memory, max_pairs, hedge=True)
+        values, posterior = self._fit_linear(frac, memory, max_pairs, stats, hedge=True, fit=fit)
         if self.channels:
             values["total_ref"] = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
         return values, posterior
@@ -808,16 +811,19 @@ class FluxDrift(ThetaModule):
                 r += torch.einsum("srf,sr->f", features(unit[i:i + chunk]), Q[i:i + chunk])
         return G, r, y.pow(2).sum(), y.numel()
 
-    def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None, hedge: bool = False):
-        """Empirical Bayes on the pairs of ``frac`` (or their ``stats``). With ``hedge`` and the
-        decay prior, the law averaged over the two estimates of the decay rate (see the class
-        docstring): weights the mean of the two posterior means, posterior their equal mixture
-        (means ``(2, P)``, Cholesky factors ``(2, P, P)``)."""
+    def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None, hedge: bool = False,
+                    fit=None):
+        """Empirical Bayes on the pairs of ``frac`` (or their ``stats``; ``fit``: their
+        :meth:`_evidence_fit` already made). With ``hedge`` and the decay prior, the law
+        averaged over the two estimates of the decay rate (see the class docstring): weights
+        the mean of the two posterior means, posterior their equal mixture (means ``(2, P)``,
+        Cholesky factors ``(2, P, P)``)."""
         groups = self._groups(memory)
         if stats is None:
             x, dx, y = self._spread_pairs(frac, memory, max_pairs)
             stats = self._gram(x, dx, y, len(groups))
-        values, posterior, _ = self._evidence_fit(*stats, groups)
+        values, posterior, _ = fit or self._evidence_fit(*stats, groups)
+        values = dict(values)
         if not (hedge and self.jump_prior == "decay"):
             return values, posterior
         other, other_posterior, _ = self._evidence_fit(*stats, groups,
@@ -838,17 +844,18 @@ class FluxDrift(ThetaModule):
             dx = None if dx is None else dx[keep]
         return x, dx, y
 
-    def _memory_helps(self, frac, max_pairs: int) -> bool:
+    def _memory_helps(self, frac, max_pairs: int) -> tuple[bool, tuple, tuple]:
         """Bayesian model comparison: the second-order law is kept only if its log evidence
         (type-II ML) exceeds the first-order law's on the same targets, the increments from
-        ``t = 1`` on. The evidence charges the memory weights their Occam factor."""
+        ``t = 1`` on. The evidence charges the memory weights their Occam factor. Returns the
+        decision and the second-order law's regression statistics and :meth:`_evidence_fit`."""
         x, dx, y = self._spread_pairs(frac, True, max_pairs)
-        evidence = {}
+        stats, fits = {}, {}
         for memory in (False, True):
             groups = self._groups(memory)
-            stats = self._gram(x, dx if memory else None, y, len(groups))
-            evidence[memory] = self._evidence_fit(*stats, groups)[2]
-        return evidence[True] > evidence[False]
+            stats[memory] = self._gram(x, dx if memory else None, y, len(groups))
+            fits[memory] = self._evidence_fit(*stats[memory], groups)
+        return fits[True][2] > fits[False][2], stats[True], fits[True]
 
     def sample_linear(self, posterior: tuple, num_samples: int) -> dict[str, torch.Tensor]:
         """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)``, ``dense``
@@ -856,16 +863,14 @@ class FluxDrift(ThetaModule):
         empirical-Bayes Gaussian ``posterior`` of :meth:`initial_fit` (``S`` = ``num_samples``;
         the singleton axis broadcasts over sequences); of a mixture, draw ``s`` comes from
         component ``s mod K``."""
-        m, L = posterior
+        m, L = (part if part.dim() == d else part.unsqueeze(0)  # one Gaussian: K = 1
+                for part, d in zip(posterior, (2, 3), strict=True))
         eps = torch.randn(num_samples, m.shape[-1], dtype=m.dtype)
-        if m.dim() == 1:
-            w = (m + eps @ L.T).unsqueeze(1)
-        else:  # an equal mixture: draw s from component s mod K
-            comp = torch.arange(num_samples) % m.shape[0]
-            w = torch.empty_like(eps)
-            for k in range(m.shape[0]):
-                w[comp == k] = m[k] + eps[comp == k] @ L[k].T
-            w = w.unsqueeze(1)
+        comp = torch.arange(num_samples) % m.shape[0]
+        w = torch.empty_like(eps)
+        for k in range(m.shape[0]):
+            w[comp == k] = m[k] + eps[comp == k] @ L[k].T
+        w = w.unsqueeze(1)
         B = self.n_bins
         nj, nd, nD = 2 * self.radius, B * 2 * self.correction_radius, self._n_dense()
         out = {"jumps": w[..., :nj]}

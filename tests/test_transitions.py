@@ -426,7 +426,8 @@ def test_linear_part_as_one_matrix_equals_the_gathered_form(dense):
 def test_memory_decision_compares_evidence_on_the_same_pairs(monkeypatch):
     """memory="auto" compares the maximised log evidence of the two laws on the same targets
     (the increments from t = 1 on), each fitted on at most ``max_pairs`` evenly spread pairs,
-    and keeps memory exactly when its evidence is the larger."""
+    and keeps memory exactly when its evidence is the larger; initial_fit then fits the kept
+    second-order law once, not twice."""
     drift, counts = synthetic_counts(6)
     drift.memory_mode = "auto"
     frac = counts / counts.sum(-1, keepdim=True)
@@ -440,10 +441,18 @@ def test_memory_decision_compares_evidence_on_the_same_pairs(monkeypatch):
                         lambda *a, **k: (lambda out: evidence.append(out[2]) or out)(fit(*a, **k)))
     for max_pairs, rows in ((20, 20), (8192, 6 * 8)):
         calls.clear(), evidence.clear()
-        decision = drift._memory_helps(frac, max_pairs=max_pairs)
+        decision, _, compared = drift._memory_helps(frac, max_pairs=max_pairs)
         assert [(n, mem) for n, mem, _ in calls] == [(rows, False), (rows, True)]
         assert torch.equal(calls[0][2], calls[1][2])  # the same targets
         assert decision == (evidence[1] > evidence[0])
+        assert compared[2] == evidence[1]  # the second-order fit, reused by initial_fit
+    # a second-order law: memory kept, fitted by the two compared fits + the hedge's MAP-II one
+    second = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
+    fits = []
+    fit2 = second._evidence_fit
+    monkeypatch.setattr(second, "_evidence_fit", lambda *a, **k: fits.append(1) or fit2(*a, **k))
+    values, _ = second.initial_fit(second_order_counts(8))
+    assert values["memory"].abs().max() > 0.01 and len(fits) == 3
 
 
 @pytest.mark.parametrize("decay, rate_scale", [(False, None), (True, None), (True, 1.0),
