@@ -8,6 +8,8 @@ and the least-squares linear peer. Also the cost of one SVI step in each form of
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
 import pyro
@@ -40,6 +42,50 @@ def accuracy(specs=("physics", "particles_paper"), seeds=(0, 1, 2)) -> list[dict
                 "train_s": m["train_seconds"], "total_s": time.perf_counter() - t0,
             })
             print(rows[-1], flush=True)
+    return rows
+
+
+# The plain prototype of issue 13: the paper's model as a pyro.markov loop, Trace_ELBO, Adam.
+_MARKOV_LOOP = """
+import sys, torch
+torch.set_num_threads(1)
+from cgpyro.data import load
+from cgpyro.inference import SVIInference, as_counts
+from cgpyro.specs import load_model
+counts = as_counts(load(sys.argv[1]))
+model = load_model("particles_paper", n_bins=counts.shape[-1])
+model.vectorized = False
+SVIInference(model, steps=int(sys.argv[2]), elbo="trace", progress=False).fit(counts)
+"""
+
+
+def whole_process(n_steps: int = 1500) -> list[dict]:
+    """Wall seconds of whole processes (start, imports, empirical Bayes, ``n_steps`` SVI steps,
+    files) on the paper's training data (64 x 10 x 25): ``cgpyro train`` with the default
+    model and guide against the paper's model run as a plain ``pyro.markov`` loop."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from cgpyro.data import save
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "train.npz"
+        save(simulate_dataset(64, 9, seed=0)[0], data)
+        runs = [("cgpyro train (physics, default guide)",
+                 [sys.executable, "-m", "cgpyro.cli", "train", "--data", str(data), "--steps",
+                  str(n_steps), "--quiet", "--out", str(Path(tmp) / "run")]),
+                ("pyro.markov loop, paper MLP, Trace_ELBO",
+                 [sys.executable, "-c", _MARKOV_LOOP, str(data), str(n_steps)])]
+        rows = []
+        for label, cmd in runs:
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, capture_output=True)
+            rows.append({"process": label, "steps": n_steps,
+                         "wall_s": time.perf_counter() - start})
+    rows[0]["speedup"] = rows[1]["wall_s"] / rows[0]["wall_s"]
+    rows[1]["speedup"] = 1.0
     return rows
 
 

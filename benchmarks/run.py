@@ -69,6 +69,8 @@ def main() -> None:
                         bench_simulate.run(quick=args.quick)) + "\n")
     sections.append("## SVI step cost (64 sequences x 10 snapshots x 25 bins, paper network)\n\n"
                     + table(bench_model.step_cost()))
+    sections.append("## Whole process, 1,500 SVI steps (64 x 10 x 25; start, imports, "
+                    "empirical Bayes, training, files)\n\n" + table(bench_model.whole_process()))
     sections.append("## Forecast accuracy (held-out 16 sequences; ratio = error / oracle floor; "
                     "linear = least-squares linear peer)\n\n"
                     + table(bench_model.accuracy(seeds=seeds)) + LEGEND)

@@ -102,6 +102,10 @@ class MarkovChain(TorchDistribution):
     :param start: known states preceding the chain, ``(..., n_bins)`` (the last one) or, for
         order 2, ``(..., 2, n_bins)`` (the last two, oldest first).
     :param order: 1 or 2.
+    :param expected_log_prob: optional ``fn(loc, scale)``: ``E_q[log p(X)]`` per batch element
+        under a mean-field ``q(X) = LogNormal(loc, scale)`` of the event's shape, where the
+        law has a closed form (read by :class:`~cgpyro.elbo.AnalyticTraceELBO`; a latent
+        site's ``infer`` dict is the guide's under ``poutine.replay``, so it lives here).
     """
 
     arg_constraints = {}
@@ -116,8 +120,10 @@ class MarkovChain(TorchDistribution):
         start: torch.Tensor | None = None,
         order: int = 1,
         validate_args=None,
+        expected_log_prob: Callable | None = None,
     ):
         assert (init is None) != (start is None), "MarkovChain takes exactly one of init, start"
+        self.expected_log_prob = expected_log_prob
         assert order in (1, 2), f"order must be 1 or 2, got {order}"
         self.step, self.n_steps, self.init, self.order = step, int(n_steps), init, order
         assert start is None or order == 1 or (start.dim() >= 2 and start.shape[-2] == 2), \
@@ -135,8 +141,11 @@ class MarkovChain(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         if self.init is not None:
+            # the closed form holds for the batch it was built for (plates expand to the same)
+            same = batch_shape == self.batch_shape
             return MarkovChain(self.step, self.n_steps, init=self.init.expand(batch_shape),
-                               order=self.order)
+                               order=self.order,
+                               expected_log_prob=self.expected_log_prob if same else None)
         event = self.start.shape[-2:] if self.order == 2 else self.start.shape[-1:]
         start = self.start.expand(batch_shape + event)
         return MarkovChain(self.step, self.n_steps, start=start, order=self.order)

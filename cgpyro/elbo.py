@@ -6,13 +6,21 @@ Under the mean-field lognormal ``q(X)``, three terms of the ELBO have closed-for
 - affine virtual observables ``c(X) = a + W X`` such as mass (eq. 18):
   ``E_q[(c)²] = (a + W E[X])² + W² Var[X]``, with ``E[X] = e^{μ + s²/2}`` and
   ``Var[X] = (e^{s²} - 1) e^{2μ + s²}``;
-- the entropy of ``q(X)``.
+- the entropy of ``q(X)``;
+- the state chain ``log p(X_{0:T-1} | θ)`` when the transition is Gaussian with isotropic noise
+  and a mean linear in the state (the default model's flux drift without a network):
+  ``E_q[|X_{t+1} - X_t K_1 - X_{t-1} K_2|²]`` needs only the moments of the independent
+  coordinates (:meth:`~cgpyro.transitions.GaussianTransition.expected_log_prob`).
 
 :class:`AnalyticTraceELBO` uses these expectations and keeps the single-sample Monte Carlo
-estimate for everything else (the transition, X_0, θ), so its expectation equals
-``Trace_ELBO``'s while the stiff penalty σ_c⁻² no longer multiplies sampling noise.
-Model sites opt in with ``infer={"expected_log_prob": fn}`` where ``fn(loc, scale)`` returns
-``E_q[log p(site)]`` with the site's batch shape.
+estimate for everything else (a nonlinear transition, θ), so its expectation equals
+``Trace_ELBO``'s while the stiff penalty σ_c⁻² no longer multiplies sampling noise. With every
+term in closed form (the default model) the ELBO is computed exactly: no draw, no gradient
+noise.
+Model sites opt in with ``infer={"expected_log_prob": fn}`` (observed sites) or a distribution
+with an ``expected_log_prob`` attribute (the latent states, whose ``infer`` is the guide's under
+``poutine.replay``; :class:`~cgpyro.distributions.MarkovChain` of an affine-Gaussian law), where
+``fn(loc, scale)`` returns ``E_q[log p(site)]`` with the site's batch shape.
 
 :class:`FusedELBO` evaluates the same estimator for a :class:`~cgpyro.model.CGModel` and the
 paper's :class:`~cgpyro.guides.LogNormalGuide` as one torch function of the guide's parameters,
@@ -20,6 +28,8 @@ without building Pyro traces at every step (same draws, same value, same gradien
 """
 
 from __future__ import annotations
+
+import math
 
 import pyro
 import torch
@@ -32,6 +42,12 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 __all__ = ["AnalyticTraceELBO", "FusedELBO"]
+
+
+def _expected_log_prob(site):
+    """The site's closed-form ``fn(loc, scale) -> E_q[log p]``, or ``None``."""
+    return site["infer"].get("expected_log_prob") \
+        or getattr(site["fn"], "expected_log_prob", None)
 
 
 def _lognormal_params(fn):
@@ -69,7 +85,7 @@ class AnalyticTraceELBO(Trace_ELBO):
         analytic = q_site is not None and _lognormal_params(q_site["fn"]) is not None
 
         def needed(name, site):
-            return not (analytic and "expected_log_prob" in site["infer"])
+            return not (analytic and _expected_log_prob(site) is not None)
 
         model_trace.compute_log_prob(site_filter=needed)
         guide_trace.compute_score_parts()
@@ -89,7 +105,7 @@ class AnalyticTraceELBO(Trace_ELBO):
         for site in model_trace.nodes.values():
             if site["type"] != "sample":
                 continue
-            expected = site["infer"].get("expected_log_prob")
+            expected = _expected_log_prob(site)
             if expected is not None:
                 elbo = elbo + (expected(loc, scale) * site["scale"]).sum()
             else:
@@ -140,6 +156,8 @@ class FusedELBO(ELBO):
         self.pair = training_pair(model, guide)
         self._traced = AnalyticTraceELBO()
         self._theta = None  # θ when the guide trains none: constant, read once
+        self._matrices = None  # and the transition's affine matrices of that θ
+        self._norm = None  # (counts, its version, the emission's normaliser of counts)
 
     def _get_trace(self, model, guide, args, kwargs):
         # ELBO's interface: the traces of the estimator this one evaluates without them
@@ -204,6 +222,24 @@ class FusedELBO(ELBO):
             loss.backward()
         return torch_item(loss)
 
+    def _log_norm(self, counts, idx):
+        """The emission's data-only normaliser per (sequence, time) of the rows ``idx``, computed
+        once per ``counts`` (``None`` for an emission without one)."""
+        emission = self.model.emission
+        if not hasattr(emission, "log_normalizer"):
+            return None
+        if self._norm is None or self._norm[0] is not counts \
+                or self._norm[1] != counts._version:
+            self._norm = (counts, counts._version, emission.log_normalizer(counts))
+        norm = self._norm[2]
+        return norm if len(idx) == norm.shape[0] else norm[idx]
+
+    def _all_closed_form(self, theta) -> bool:
+        model = self.model
+        return model.has_chain_expected_log_prob(theta) \
+            and hasattr(model.emission, "expected_log_prob") \
+            and all(vo.affine is not None for vo in model.virtual_observables)
+
     def _loss(self, counts, totals=None, subsample_size=None):
         model = self.model
         n = counts.shape[0]
@@ -217,11 +253,23 @@ class FusedELBO(ELBO):
         with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
             pass
         loc, scale = self.guide.loc_scale(idx)
-        q = LogNormal(loc, scale)
-        X = q.rsample()
+        # the draw of X (the guide's, so the same random numbers as the traced form) only
+        # where a term has no closed form
+        X = None if self._all_closed_form(theta) else LogNormal(loc, scale).rsample()
         obs, n_tot = (counts, totals) if len(idx) == n else (counts[idx], totals[idx])
-        elbo = model.state_chain(theta, n_tot, counts.shape[1], counts.dtype).log_prob(X).sum()
-        expected = model.emission_expected_log_prob(obs, loc, scale)
+        if model.has_chain_expected_log_prob(theta):
+            matrices = None
+            if theta is self._theta:  # θ constant over training: its matrices too
+                if self._matrices is None:
+                    with torch.no_grad():
+                        self._matrices = model.transition.affine_matrices(
+                            model._part(theta, "transition."), loc.dtype, loc.device)
+                matrices = self._matrices
+            elbo = model.state_chain_expected_log_prob(theta, loc, scale, matrices).sum()
+        else:
+            elbo = model.state_chain(theta, n_tot, counts.shape[1], counts.dtype) \
+                .log_prob(X).sum()
+        expected = model.emission_expected_log_prob(obs, loc, scale, self._log_norm(counts, idx))
         if expected is None:
             emission_theta = model._part(theta, "emission.")
             expected = model.emission(X, n_tot.unsqueeze(-1), emission_theta) \
@@ -236,7 +284,8 @@ class FusedELBO(ELBO):
                 c = vo(X)
                 elbo = elbo + pyro.distributions.Normal(c, sigma).log_prob(
                     torch.zeros_like(c)).sum()
-        elbo = elbo + q.entropy().sum()
+        # H[LogNormal(loc, scale)] = loc + log scale + (1 + log 2π) / 2 per coordinate
+        elbo = elbo + (loc + scale.log()).sum() + 0.5 * (1 + math.log(2 * math.pi)) * loc.numel()
         if len(idx) < n:  # the sequence plate's scale
             elbo = elbo * (n / len(idx))
         return -(log_prior + elbo)

@@ -44,12 +44,18 @@ class MultinomialEmission(Emission):
     def forward(self, x, total_count, theta=None) -> BinCounts:
         return BinCounts(x, total_count)
 
-    def expected_log_prob(self, value, loc, scale):
+    @staticmethod
+    def log_normalizer(value):
+        """``log N! - Σ_j log m_j!`` of counts ``value`` ``(..., n_bins)``: ``(...)``."""
+        return torch.lgamma(value.sum(-1) + 1) - torch.lgamma(value + 1).sum(-1)
+
+    def expected_log_prob(self, value, loc, scale, log_norm=None):
         """``E_q[log p(m | X)]`` under ``X ~ LogNormal(loc, scale)``: ``Σ_j m_j loc_j`` + const.
 
-        ``value, loc, scale``: ``(..., n_bins)``; returns ``(...)``.
+        ``value, loc, scale``: ``(..., n_bins)``; returns ``(...)``; ``log_norm``:
+        :meth:`log_normalizer` of ``value`` where the caller holds it.
         """
-        norm = torch.lgamma(value.sum(-1) + 1) - torch.lgamma(value + 1).sum(-1)
+        norm = self.log_normalizer(value) if log_norm is None else log_norm
         return norm + (value * loc).sum(-1)
 
 

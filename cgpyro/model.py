@@ -16,7 +16,7 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from . import _sites
-from .distributions import MarkovChain
+from .distributions import MarkovChain, lognormal_moments
 from .emissions import Emission, MultinomialEmission
 from .transitions import GaussianTransition
 from .virtual import VirtualObservable
@@ -185,15 +185,46 @@ class CGModel(PyroModule):
             return self.transition(x, trans_theta, totals, x_prev=x_prev)
 
         x0 = self.initial(totals.shape, dtype or totals.dtype, totals.device)
-        return MarkovChain(step, n_times, init=x0, order=getattr(self.transition, "order", 1))
+        expected = None
+        if self.has_chain_expected_log_prob(theta):  # closed form for AnalyticTraceELBO
+            def expected(loc, scale):
+                return self.state_chain_expected_log_prob(theta, loc, scale)
+        return MarkovChain(step, n_times, init=x0, order=getattr(self.transition, "order", 1),
+                           expected_log_prob=expected)
 
-    def emission_expected_log_prob(self, counts, loc, scale) -> torch.Tensor:
+    def has_chain_expected_log_prob(self, theta: dict[str, torch.Tensor]) -> bool:
+        """Whether :meth:`state_chain_expected_log_prob` has a closed form for θ (full names)."""
+        transition = self.transition
+        return hasattr(transition, "has_expected_log_prob") \
+            and transition.has_expected_log_prob(self._part(theta, "transition."))
+
+    def state_chain_expected_log_prob(self, theta: dict[str, torch.Tensor], loc: torch.Tensor,
+                                      scale: torch.Tensor, matrices=None) -> torch.Tensor:
+        """``E_q[log p(X_{0:T-1} | θ)]`` per sequence under ``q(X) = LogNormal(loc, scale)``
+        (mean-field), each ``(n_sequences, n_times, n_bins)``; returns ``(n_sequences,)``: the
+        lognormal ``p(X_0)`` and an affine-Gaussian transition in closed form, no draw of
+        ``X`` (requires :meth:`has_chain_expected_log_prob`; ``matrices``: the transition's
+        ``affine_matrices`` of θ, if held by the caller)."""
+        # p(X_0) of initial(): E[log LogNormal(X_0; μ0, s0)] = E[-log X_0 + log N(log X_0; μ0,
+        # s0)] with log X_0 ~ N(loc, scale)
+        mu0, s0 = -math.log(self.n_bins), float(self.x0_scale)
+        loc0, scale0 = loc[..., 0, :], scale[..., 0, :]
+        lp0 = (-loc0 - math.log(s0) - 0.5 * math.log(2 * math.pi)
+               - 0.5 * ((loc0 - mu0).pow(2) + scale0.pow(2)) / s0**2).sum(-1)
+        mean, var = lognormal_moments(loc, scale)
+        return lp0 + self.transition.expected_log_prob(self._part(theta, "transition."),
+                                                       mean, var, matrices)
+
+    def emission_expected_log_prob(self, counts, loc, scale, log_norm=None) -> torch.Tensor:
         """``E_q[log p_cf(m | X)]`` per sequence under ``q(X) = LogNormal(loc, scale)``, each
         ``(n_sequences, n_times, n_bins)``; returns ``(n_sequences,)``. Emissions without a
-        closed form have no such term (``None``)."""
+        closed form have no such term (``None``). ``log_norm``: the emission's
+        ``log_normalizer(counts)`` ``(n_sequences, n_times)``, where the caller holds it."""
         if not hasattr(self.emission, "expected_log_prob"):
             return None
-        return self.emission.expected_log_prob(counts, loc, scale).sum(-1)
+        if log_norm is None:
+            return self.emission.expected_log_prob(counts, loc, scale).sum(-1)
+        return self.emission.expected_log_prob(counts, loc, scale, log_norm).sum(-1)
 
     def vo_sigma(self, vo: VirtualObservable, theta, max_total: float | None, like):
         """σ_c of ``vo``: its learned site, or its tolerance at the current annealing
