@@ -340,6 +340,13 @@ class LogNormalGuide(_Guide):
         that ``SVI`` finds them)."""
         return self._states.rows(idx)
 
+    @pyro_method
+    def loc_log_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The parameters ``(X_loc, X_log_scale)`` of all sequences, each ``(n_sequences,
+        n_times, n_bins)`` (read as ``pyro.param``s), for :class:`~cgpyro.elbo.FusedELBO`'s
+        exact form."""
+        return self._states.X_loc, self._states.X_log_scale
+
     def forward(self, counts=None, totals=None, n_times=None, forecast=0, subsample_size=None,
                 resample_observed=False) -> None:
         like = counts if counts is not None else totals
