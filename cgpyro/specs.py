@@ -43,7 +43,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     hyper_prior_scale = 1.0          # flux: HalfCauchy(s) hyperprior on the prior scales
     memory = false                   # flux: + Σ_k c_k (X_t - X_{t-1})_{j-k}: true | false |
                                      # "auto" (on where the evidence prefers it)
-    memory_radius = 1                # flux: reach of the memory stencil (bins)
+    memory_radius = 1                # flux: reach of the memory stencil (bins; with "auto"
+                                     # the longest reach the evidence may choose)
     jump_prior = "decay"             # flux: prior variance of a jump falls off with its reach
                                      # at a learned rate (locality) | "flat" (one scale)
     dense = false                    # flux: + a dense bin-to-bin rate correction under a

@@ -490,7 +490,10 @@ class FluxDrift(ThetaModule):
       :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` keeps its weights only where
       the evidence of the second-order law exceeds that of the first-order one (Bayesian
       model comparison on the same increments), and holds them at zero otherwise (the
-      first-order law): one sequence keeps the first-order law;
+      first-order law): one sequence keeps the first-order law. With ``"auto"``
+      ``memory_radius`` is the longest reach: reaches ``1, 2, ...`` are tried in turn while
+      each one's evidence beats the one before, and the weights beyond the kept reach are
+      held at zero;
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
       ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, site
@@ -544,6 +547,8 @@ class FluxDrift(ThetaModule):
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if memory not in (True, False, "auto"):
             raise ValueError(f"memory must be true, false or 'auto', got {memory!r}")
+        if memory == "auto" and isinstance(memory_radius, int):
+            memory_radius = min(memory_radius, (B - 1) // 2)  # "auto": the longest reach tried
         if isinstance(memory_radius, bool) or not isinstance(memory_radius, int) \
                 or not 0 <= memory_radius <= (B - 1) // 2:
             raise ValueError(f"memory_radius must be an integer in [0, (n_bins-1)//2 = "
@@ -819,14 +824,15 @@ class FluxDrift(ThetaModule):
         """
         frac = (counts / counts.sum(-1, keepdim=True)).to(torch.float64).cpu()
         stats = fit = None
+        keep = None
         if self.memory_mode == "auto":
             memory = frac.shape[0] >= 2 and frac.shape[1] >= 3
             if memory:  # the comparison's second-order fit is the one kept, if memory wins
-                memory, stats, fit = self._memory_helps(frac, max_pairs)
-                stats, fit = (stats, fit) if memory else (None, None)
+                memory, stats, fit, keep = self._memory_helps(frac, max_pairs)
         else:
             memory = bool(self.memory_mode) and frac.shape[1] >= 3
-        values, posterior = self._fit_linear(frac, memory, max_pairs, stats, hedge=True, fit=fit)
+        values, posterior = self._fit_linear(frac, memory, max_pairs, stats, hedge=True, fit=fit,
+                                             keep=keep)
         if self.channels:
             values["total_ref"] = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
         return values, posterior
@@ -879,27 +885,40 @@ class FluxDrift(ThetaModule):
         return G, r, y.pow(2).sum(), y.numel()
 
     def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None, hedge: bool = False,
-                    fit=None):
+                    fit=None, keep=None):
         """Empirical Bayes on the pairs of ``frac`` (or their ``stats``; ``fit``: their
-        :meth:`_evidence_fit` already made). With ``hedge`` and the decay prior, the law
-        averaged over the two estimates of the decay rate (see the class docstring): weights
-        the mean of the two posterior means, posterior their equal mixture (means ``(2, P)``,
-        Cholesky factors ``(2, P, P)``)."""
+        :meth:`_evidence_fit` already made; ``keep``: the indices of the weights that
+        ``stats`` hold, a shorter memory reach, the others held at zero). With ``hedge`` and
+        the decay prior, the law averaged over the two estimates of the decay rate (see the
+        class docstring): weights the mean of the two posterior means, posterior their equal
+        mixture (means ``(2, P)``, Cholesky factors ``(2, P, P)``)."""
         groups = self._groups(memory)
+        if keep is not None:
+            groups = groups[keep]
         if stats is None:
             x, dx, y = self._spread_pairs(frac, memory, max_pairs)
             stats = self._gram(x, dx, y, len(groups))
         values, posterior, _ = fit or self._evidence_fit(*stats, groups)
         values = dict(values)
-        if not (hedge and self.jump_prior == "decay"):
+        if hedge and self.jump_prior == "decay":
+            other, other_posterior, _ = self._evidence_fit(*stats, groups,
+                                                           rate_scale=DECAY_RATE_PRIOR_SCALE)
+            for name in ("jumps", "delta", "dense", "memory"):
+                if name in values:
+                    values[name] = 0.5 * (values[name] + other[name])
+            posterior = tuple(torch.stack(pair) for pair in zip(posterior, other_posterior,
+                                                                 strict=True))
+        if keep is None:
             return values, posterior
-        other, other_posterior, _ = self._evidence_fit(*stats, groups,
-                                                       rate_scale=DECAY_RATE_PRIOR_SCALE)
-        for name in ("jumps", "delta", "dense", "memory"):
-            if name in values:
-                values[name] = 0.5 * (values[name] + other[name])
-        return values, tuple(torch.stack(pair) for pair in zip(posterior, other_posterior,
-                                                                strict=True))
+        # a shorter reach: its weights in the middle of the longest one's, the others zero
+        R, r = self.memory_radius, (values["memory"].shape[0] - 1) // 2
+        values["memory"] = torch.nn.functional.pad(values["memory"], (R - r, R - r))
+        P = len(self._groups(True))
+        mean = posterior[0].new_zeros(*posterior[0].shape[:-1], P)
+        mean[..., keep] = posterior[0]
+        factor = posterior[1].new_zeros(*posterior[1].shape[:-2], P, P)
+        factor[..., keep[:, None], keep] = posterior[1]
+        return values, (mean, factor)
 
     def _spread_pairs(self, frac, memory: bool, max_pairs: int):
         """:meth:`_pairs`, at most ``max_pairs`` of them, evenly spread: plenty for the few
@@ -911,18 +930,35 @@ class FluxDrift(ThetaModule):
             dx = None if dx is None else dx[keep]
         return x, dx, y
 
-    def _memory_helps(self, frac, max_pairs: int) -> tuple[bool, tuple, tuple]:
-        """Bayesian model comparison: the second-order law is kept only if its log evidence
-        (type-II ML) exceeds the first-order law's on the same targets, the increments from
-        ``t = 1`` on. The evidence charges the memory weights their Occam factor. Returns the
-        decision and the second-order law's regression statistics and :meth:`_evidence_fit`."""
+    def _memory_helps(self, frac, max_pairs: int) -> tuple[bool, tuple, tuple, torch.Tensor]:
+        """Bayesian model comparison of nested laws on the same targets, the increments from
+        ``t = 1`` on: the first-order law, then second-order laws of memory reach ``1, ...,
+        memory_radius``, each kept only while its log evidence (type-II ML) exceeds the
+        shorter one's (stepwise, so that one more candidate does not win by chance where the
+        step before it lost). The evidence charges the memory weights their Occam factor. A
+        shorter reach's regressors are a subset of the longest one's (each column of the
+        memory window is centred on its own), so its statistics are a sub-block of the same
+        Gram matrix. Returns the decision, the winning second-order
+        law's regression statistics and :meth:`_evidence_fit`, and the indices ``keep`` of
+        its weights among the longest reach's (``None``: all of them)."""
         x, dx, y = self._spread_pairs(frac, True, max_pairs)
-        stats, fits = {}, {}
-        for memory in (False, True):
-            groups = self._groups(memory)
-            stats[memory] = self._gram(x, dx if memory else None, y, len(groups))
-            fits[memory] = self._evidence_fit(*stats[memory], groups)
-        return fits[True][2] > fits[False][2], stats[True], fits[True]
+        groups = self._groups(False)
+        best = (self._evidence_fit(*self._gram(x, None, y, len(groups)), groups)[2], None)
+        groups = self._groups(True)
+        full = self._gram(x, dx, y, len(groups))
+        R, n_fixed = self.memory_radius, len(groups) - (2 * self.memory_radius + 1)
+        for r in range(min(R, 1), R + 1):  # memory_radius 0: the one weight of ΔX_j
+            keep = None if r == R else torch.cat([torch.arange(n_fixed),
+                                                  torch.arange(R - r, R + r + 1) + n_fixed])
+            stats = full if keep is None else (full[0][keep][:, keep], full[1][keep],
+                                               *full[2:])
+            fit = self._evidence_fit(*stats, groups if keep is None else groups[keep])
+            if fit[2] <= best[0]:  # nested laws: a longer reach only where each step gains
+                break
+            best = (fit[2], (stats, fit, keep))
+        if best[1] is None:
+            return False, None, None, None
+        return True, *best[1]
 
     def sample_linear(self, posterior: tuple, num_samples: int) -> dict[str, torch.Tensor]:
         """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)``, ``dense``
