@@ -45,6 +45,8 @@ from pyro.infer.util import is_validation_enabled, torch_item
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
+from .emissions import MultinomialEmission
+
 __all__ = ["AnalyticTraceELBO", "FusedELBO"]
 
 
@@ -224,7 +226,8 @@ class FusedELBO(ELBO):
         self.pair = training_pair(model, guide)
         self._traced = AnalyticTraceELBO()
         self._theta = None  # θ when the guide trains none: constant, read once
-        self._matrices = None  # and the transition's affine matrices of that θ
+        self._chain = None  # and the transition's affine matrices of that θ (_held_chain)
+        self._exact_applies = None  # whether _exact evaluates the ELBO with that θ
         self._norm = None  # (counts, its version, the emission's normaliser of counts)
 
     def _get_trace(self, model, guide, args, kwargs):
@@ -295,11 +298,7 @@ class FusedELBO(ELBO):
         :class:`_ExactELBO` (the same value as the general path, to rounding; tested)."""
         model = self.model
         loc, log_scale = self.guide.loc_log_scale()
-        if self._matrices is None:
-            with torch.no_grad():
-                self._matrices = model.transition.affine_matrices(
-                    model._part(theta, "transition."), loc.dtype, loc.device)
-        K1, K2 = self._matrices
+        chain = self._held_chain(theta, loc)
         n, T, B = loc.shape
         sigma_r = model._part(theta, "transition.")["sigma_r"]
         half_log_2pi = 0.5 * math.log(2 * math.pi)
@@ -316,12 +315,22 @@ class FusedELBO(ELBO):
             sigma = torch.as_tensor(model.vo_sigma(vo, theta, max_total, loc))
             affine_vos.append((a, W, sigma))
             constant = constant - n * T * a.shape[0] * (torch.log(sigma) + half_log_2pi)
-        terms = SimpleNamespace(
-            constant=constant, counts=counts, mu0=-math.log(B), s0=s0, sigma_r=sigma_r,
-            K1=K1, K2=K2, c1=(K1 * K1).sum(1), affine_vos=affine_vos,
-            c2=None if K2 is None else (K2 * K2).sum(1),
-            c12=None if K2 is None else (2 * K1 * K2).sum(1))
+        terms = SimpleNamespace(**vars(chain), constant=constant, counts=counts,
+                                mu0=-math.log(B), s0=s0, sigma_r=sigma_r, affine_vos=affine_vos)
         return _ExactELBO.apply(loc, log_scale, terms)
+
+    def _held_chain(self, theta, like) -> SimpleNamespace:
+        """The transition's affine matrices ``K1, K2`` of the constant θ and the row sums
+        ``c1, c2, c12`` of ``K1∘K1``, ``K2∘K2``, ``2 K1∘K2`` (Var terms), built once."""
+        if self._chain is None:
+            with torch.no_grad():
+                K1, K2 = self.model.transition.affine_matrices(
+                    self.model._part(theta, "transition."), like.dtype, like.device)
+                self._chain = SimpleNamespace(
+                    K1=K1, K2=K2, c1=(K1 * K1).sum(1),
+                    c2=None if K2 is None else (K2 * K2).sum(1),
+                    c12=None if K2 is None else (2 * K1 * K2).sum(1))
+        return self._chain
 
     def _log_norm(self, counts, idx):
         """The emission's data-only normaliser per (sequence, time) of the rows ``idx``, computed
@@ -350,13 +359,13 @@ class FusedELBO(ELBO):
         totals = counts[:, 0].sum(-1) if totals is None else totals
         self.guide._own_store()  # as a call of the guide would
         theta, log_prior = self._theta_and_log_prior(counts.new_zeros(()))
-        from .emissions import MultinomialEmission
-
         # θ constant, every sequence, and the paper's p_cf: the ELBO with its gradient by hand
-        if theta is self._theta and self._all_closed_form(theta) \
-                and isinstance(self.model.emission, MultinomialEmission) \
-                and (subsample_size is None or subsample_size >= n):
-            return -self._exact(counts, totals, theta)
+        if theta is self._theta and (subsample_size is None or subsample_size >= n):
+            if self._exact_applies is None:  # θ is constant: so is the answer
+                self._exact_applies = self._all_closed_form(theta) \
+                    and isinstance(self.model.emission, MultinomialEmission)
+            if self._exact_applies:
+                return -self._exact(counts, totals, theta)
         # the guide's plate: the same draw of the minibatch, then of X
         with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
             pass
@@ -368,11 +377,8 @@ class FusedELBO(ELBO):
         if model.has_chain_expected_log_prob(theta):
             matrices = None
             if theta is self._theta:  # θ constant over training: its matrices too
-                if self._matrices is None:
-                    with torch.no_grad():
-                        self._matrices = model.transition.affine_matrices(
-                            model._part(theta, "transition."), loc.dtype, loc.device)
-                matrices = self._matrices
+                chain = self._held_chain(theta, loc)
+                matrices = (chain.K1, chain.K2)
             elbo = model.state_chain_expected_log_prob(theta, loc, scale, matrices).sum()
         else:
             elbo = model.state_chain(theta, n_tot, counts.shape[1], counts.dtype) \

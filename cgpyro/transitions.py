@@ -222,6 +222,7 @@ class GaussianTransition(ThetaModule):
         if not isinstance(forecast_noise, bool):
             raise ValueError(f"forecast_noise must be True or False, got {forecast_noise!r}")
         self.forecast_noise = forecast_noise
+        self._affine_cache = None  # (dtype/device, θ tensors and versions, affine_matrices)
         self.declare("sigma_r", lambda self: dist.HalfCauchy(const(self.sigma_prior_scale)))
         if noise == "full":
             self.declare("noise_tril", lambda self: FlatCholesky(self.drift.n_bins,
@@ -304,12 +305,25 @@ class GaussianTransition(ThetaModule):
         :meth:`mean`'s clamp. Requires :meth:`has_expected_log_prob`."""
         assert self.has_expected_log_prob(theta), "no closed form for this transition and θ"
         drift_theta = self._drift_theta(theta)
+        # Held θ are the same tensors at every step (traced ELBOs rebuild the model each step):
+        # the matrices are reused while none of them changed or needs a gradient.
+        grad = torch.is_grad_enabled() and any(v.requires_grad for v in drift_theta.values())
+        key = [(v, v._version) for v in drift_theta.values()]
+        cached = self._affine_cache
+        if not grad and cached is not None and cached[0] == (dtype, device) \
+                and len(cached[1]) == len(key) \
+                and all(a is b and va == vb
+                        for (a, va), (b, vb) in zip(cached[1], key, strict=True)):
+            return cached[2]
         eye = torch.eye(self.drift.n_bins, dtype=dtype, device=device)
         if self.order == 1:
-            return eye + self.drift(eye, drift_theta), None
-        zero = torch.zeros_like(eye)
-        return eye + self.drift(eye, drift_theta, x_prev=zero), \
-            self.drift(zero, drift_theta, x_prev=eye)
+            out = eye + self.drift(eye, drift_theta), None
+        else:
+            zero = torch.zeros_like(eye)
+            out = eye + self.drift(eye, drift_theta, x_prev=zero), \
+                self.drift(zero, drift_theta, x_prev=eye)
+        self._affine_cache = None if grad else ((dtype, device), key, out)
+        return out
 
     def expected_log_prob(self, theta: dict[str, torch.Tensor], mean: torch.Tensor,
                           var: torch.Tensor, matrices=None) -> torch.Tensor:

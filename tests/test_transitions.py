@@ -628,3 +628,23 @@ def test_memory_reach_is_chosen_by_evidence():
             unseen = second_order_paths(4, memory=reach2, T=20, offset=8)
             assert rollout_error(drift, values, unseen) \
                 < 0.9 * rollout_error(one, one_values, unseen)
+
+
+def test_affine_matrices_are_reused_only_for_the_same_unchanged_theta():
+    """Held θ are the same tensors at every step: the matrices are built once, rebuilt after
+    an in-place change or for other tensors, and never cached for θ that needs a gradient."""
+    B = 7
+    transition = GaussianTransition(FluxDrift(B, radius=2, correction_radius=1, memory=True))
+    theta = {f"drift.{k}": v for k, v in random_theta(transition.drift, seed=1).items()}
+    theta["sigma_r"] = torch.tensor(0.05, dtype=torch.float64)
+    first = transition.affine_matrices(theta)
+    assert transition.affine_matrices(theta) is first
+    theta["drift.jumps"].mul_(2.0)  # in place: a new version
+    doubled = transition.affine_matrices(theta)
+    assert doubled is not first and not torch.equal(doubled[0], first[0])
+    other = {k: v.clone() for k, v in theta.items()}
+    assert transition.affine_matrices(other) is not doubled
+    learned = dict(other, **{"drift.jumps": other["drift.jumps"].requires_grad_()})
+    a, b = transition.affine_matrices(learned), transition.affine_matrices(learned)
+    assert a is not b and a[0].requires_grad
+    torch.testing.assert_close(a[0].detach(), transition.affine_matrices(other)[0])
