@@ -133,60 +133,56 @@ class AnalyticTraceELBO(Trace_ELBO):
 class _ExactELBO(torch.autograd.Function):
     """``ELBO(X_loc, X_log_scale)`` of :meth:`FusedELBO._exact`, with its gradient written out
     (computed in the forward pass, which shares the moments, and scaled in the backward one):
-    autograd's graph of the same terms costs about as much again as the terms themselves."""
+    autograd's graph of the same terms costs about as much again as the terms themselves.
+
+    Every Var[X] term of the ELBO is linear in Var[X], so they enter as one dot product with
+    their constant coefficients ``terms.gv`` (= d ELBO / d Var[X]); scalars are Python floats
+    (a 0-d tensor costs an op per use)."""
 
     @staticmethod
     def forward(ctx, loc, log_scale, terms):
+        n, T, B = loc.shape
         s2 = torch.exp(2 * log_scale)
         e = torch.exp(s2)
         mean = torch.exp(loc + 0.5 * s2)
         mean2 = mean * mean
         var = (e - 1) * mean2
-        gm = torch.zeros_like(loc)  # d ELBO / d E[X]
-        gv = torch.zeros_like(loc)  # d ELBO / d Var[X]
-        value = terms.constant + (terms.counts * loc).sum() + (loc + log_scale).sum()
-        # p(X_0): E[-log X_0 - (log X_0 - μ0)² / (2 s0²)] with log X_0 ~ N(loc, s²)
+        # p(X_0): E[-log X_0 - (log X_0 - μ0)² / (2 s0²)] with log X_0 ~ N(loc, s²); its
+        # -log X_0 is in loc_coef, with the emission's counts and the entropy's 1
         d0 = loc[:, 0] - terms.mu0
-        value = value - (loc[:, 0] + 0.5 * (d0 * d0 + s2[:, 0]) / terms.s0**2).sum()
-        g_loc0 = -1.0 - d0 / terms.s0**2
-        g_s2_0 = torch.full_like(d0, -0.5 / terms.s0**2)
-        T = loc.shape[1]
+        p0 = 0.5 / terms.s0**2
+        value = (torch.dot(terms.loc_coef.reshape(-1), loc.reshape(-1)) + log_scale.sum()
+                 + torch.dot(var.sum(0).reshape(-1), terms.gv.reshape(-1))
+                 - p0 * (torch.dot(d0.reshape(-1), d0.reshape(-1)) + s2[:, 0].sum()))
+        gm = torch.zeros_like(loc)  # d ELBO / d E[X]
         if T > 1:  # the transitions: E|X_{t+1} - X_t K1 - X_{t-1} K2|² / (2 σ_r²)
-            K1, K2, prec = terms.K1, terms.K2, 1.0 / terms.sigma_r**2
-            pred = mean[:, :-1] @ K1
-            vsum = (var[:, :-1].sum((0, 1)) * terms.c1).sum()
-            if K2 is not None:
-                back = torch.cat([mean[:, :1], mean[:, :-2]], 1)
-                pred = pred + back @ K2
-                vsum = vsum + (var[:, :1].sum(0) * (terms.c2 + terms.c12)).sum() \
-                    + (var[:, :-2].sum((0, 1)) * terms.c2).sum()
+            prec = terms.prec
+            P = (mean.view(-1, B) @ terms.K).view(n, T, -1)  # [X_t K1 | X_t K2]
+            pred = P[:, :-1, :B]
+            if terms.K2 is not None:  # X_{t-1} K2 with X_{-1} = X_0
+                pred = pred + torch.cat([P[:, :1, B:], P[:, :-2, B:]], 1)
             r = mean[:, 1:] - pred
-            value = value - 0.5 * prec * ((r * r).sum() + var[:, 1:].sum() + vsum)
-            gr = prec * r
+            value = value - 0.5 * prec * torch.dot(r.view(-1), r.view(-1))
+            gr = r.mul_(prec)
+            G = (gr.view(-1, B) @ terms.KT).view(n, T - 1, -1)  # [gr K1ᵀ | gr K2ᵀ]
             gm[:, 1:] -= gr
-            gm[:, :-1] += gr @ K1.T
-            gv[:, 1:] -= 0.5 * prec
-            gv[:, :-1] -= 0.5 * prec * terms.c1
-            if K2 is not None:
-                gb = gr @ K2.T
-                gm[:, 0] += gb[:, 0]
-                gm[:, :-2] += gb[:, 1:]
-                gv[:, 0] -= 0.5 * prec * (terms.c2 + terms.c12)
-                gv[:, :-2] -= 0.5 * prec * terms.c2
-        for a, W, sigma in terms.affine_vos:  # E[(a + X Wᵀ)²] / (2 σ_c²)
-            c = a + mean @ W.T
-            prec_c = 1.0 / sigma**2
-            value = value - 0.5 * prec_c * ((c * c).sum() + (var @ (W * W).T).sum())
-            gm -= prec_c * (c @ W)
-            gv -= 0.5 * prec_c * (W * W).sum(0)
+            gm[:, :-1] += G[..., :B]
+            if terms.K2 is not None:
+                gm[:, 0] += G[:, 0, B:]
+                gm[:, :-2] += G[:, 1:, B:]
+        for a, W, prec_c in terms.affine_vos:  # E[(a + X Wᵀ)²] / (2 σ_c²)
+            c = torch.addmm(a, mean.view(-1, B), W.T)
+            value = value - 0.5 * prec_c * torch.dot(c.view(-1), c.view(-1))
+            gm.view(-1, B).addmm_(c, W, alpha=-prec_c)
         # chain rule through E[X] = e^{loc + s²/2}, Var[X] = (e^{s²} - 1) E[X]², s² = e^{2 ls}
-        g_loc = gm * mean + 2 * gv * var + terms.counts + 1.0
-        g_s2 = 0.5 * gm * mean + gv * (2 * e - 1) * mean2
-        g_loc[:, 0] += g_loc0
-        g_s2[:, 0] += g_s2_0
-        g_ls = 2 * s2 * g_s2 + 1.0
+        gmm = gm.mul_(mean)
+        g_loc = var.mul_(terms.gv).mul_(2).add_(terms.loc_coef).add_(gmm)  # var: spent
+        g_loc[:, 0] -= 2 * p0 * d0
+        g_s2 = e.mul_(2).sub_(1).mul_(mean2).mul_(terms.gv).add_(gmm, alpha=0.5)
+        g_s2[:, 0] -= p0
+        g_ls = g_s2.mul_(s2).mul_(2).add_(1)
         ctx.save_for_backward(g_loc, g_ls)
-        return value
+        return value + terms.constant
 
     @staticmethod
     def backward(ctx, grad):
@@ -229,6 +225,7 @@ class FusedELBO(ELBO):
         self._chain = None  # and the transition's affine matrices of that θ (_held_chain)
         self._exact_applies = None  # whether _exact evaluates the ELBO with that θ
         self._norm = None  # (counts, its version, the emission's normaliser of counts)
+        self._data = None  # (counts, totals, their versions, what _exact needs of them)
 
     def _get_trace(self, model, guide, args, kwargs):
         # ELBO's interface: the traces of the estimator this one evaluates without them
@@ -298,38 +295,87 @@ class FusedELBO(ELBO):
         :class:`_ExactELBO` (the same value as the general path, to rounding; tested)."""
         model = self.model
         loc, log_scale = self.guide.loc_log_scale()
-        chain = self._held_chain(theta, loc)
         n, T, B = loc.shape
-        sigma_r = model._part(theta, "transition.")["sigma_r"]
+        chain = self._held_chain(theta, loc)
+        data = self._exact_data(counts, totals, loc)
         half_log_2pi = 0.5 * math.log(2 * math.pi)
-        s0 = float(model.x0_scale)
-        constant = (self._log_norm(counts, range(n)).sum()
-                    + 0.5 * (1 + math.log(2 * math.pi)) * loc.numel()  # entropy
-                    - n * B * (math.log(s0) + half_log_2pi)  # p(X_0)
-                    - (T - 1) * n * B * (torch.log(sigma_r) + half_log_2pi))
-        max_total = model.max_total(totals)
+        constant = data.log_norm + n * B * (
+            0.5 * (1 + math.log(2 * math.pi)) * T  # entropy
+            - math.log(model.x0_scale) - half_log_2pi  # p(X_0)
+            - (T - 1) * (chain.log_sigma_r + half_log_2pi))
+        gv = chain.gv(T)
         affine_vos = []
-        for vo in model.virtual_observables:
-            a, W = (torch.as_tensor(v, dtype=loc.dtype, device=loc.device) for v in vo.affine)
-            W = W.expand(a.shape[0], B)
-            sigma = torch.as_tensor(model.vo_sigma(vo, theta, max_total, loc))
-            affine_vos.append((a, W, sigma))
-            constant = constant - n * T * a.shape[0] * (torch.log(sigma) + half_log_2pi)
-        terms = SimpleNamespace(**vars(chain), constant=constant, counts=counts,
-                                mu0=-math.log(B), s0=s0, sigma_r=sigma_r, affine_vos=affine_vos)
+        for vo, (a, W, ww, held_sigma) in zip(model.virtual_observables, chain.vos, strict=True):
+            # σ_c as model.vo_sigma gives it: the held site, or the tolerance at this progress
+            sigma = vo.tolerance(data.max_total) if held_sigma is None else held_sigma
+            gv = gv - (0.5 / sigma**2) * ww
+            affine_vos.append((a, W, 1.0 / sigma**2))
+            constant -= n * T * a.shape[0] * (math.log(sigma) + half_log_2pi)
+        terms = SimpleNamespace(K=chain.K, KT=chain.KT, K2=chain.K2, prec=chain.prec,
+                                loc_coef=data.loc_coef, gv=gv, mu0=-math.log(B),
+                                s0=model.x0_scale, affine_vos=affine_vos, constant=constant)
         return _ExactELBO.apply(loc, log_scale, terms)
 
+    def _exact_data(self, counts, totals, like) -> SimpleNamespace:
+        """What :meth:`_exact` needs of the data, computed once per ``(counts, totals)``: the
+        emission's normaliser (summed), the coefficients of ``X_loc`` in the ELBO (counts, and 1
+        of the entropy, but at t = 0 the -log X_0 of the prior) and the largest snapshot."""
+        versions = (counts._version, None if totals is None else totals._version)
+        cached = self._data
+        if cached is None or cached[0] is not counts or cached[1] is not totals \
+                or cached[2] != versions:
+            loc_coef = counts.to(like.dtype) + 1
+            loc_coef[:, 0] -= 1
+            self._data = cached = (counts, totals, versions, SimpleNamespace(
+                log_norm=float(self._log_norm(counts, range(counts.shape[0])).sum()),
+                loc_coef=loc_coef,
+                max_total=self.model.max_total(counts[:, 0].sum(-1) if totals is None
+                                               else totals)))
+        return cached[3]
+
     def _held_chain(self, theta, like) -> SimpleNamespace:
-        """The transition's affine matrices ``K1, K2`` of the constant θ and the row sums
-        ``c1, c2, c12`` of ``K1∘K1``, ``K2∘K2``, ``2 K1∘K2`` (Var terms), built once."""
-        if self._chain is None:
-            with torch.no_grad():
-                K1, K2 = self.model.transition.affine_matrices(
-                    self.model._part(theta, "transition."), like.dtype, like.device)
-                self._chain = SimpleNamespace(
-                    K1=K1, K2=K2, c1=(K1 * K1).sum(1),
-                    c2=None if K2 is None else (K2 * K2).sum(1),
-                    c12=None if K2 is None else (2 * K1 * K2).sum(1))
+        """What the constant θ fixes, built once: the transition's affine matrices ``K1, K2``
+        (and side by side, ``K = [K1 | K2]``, ``KT = [K1ᵀ | K2ᵀ]``), ``1 / σ_r²``, the Var
+        coefficients of the chain ``gv(T)`` (from the row sums of ``K1∘K1``, ``K2∘K2``,
+        ``2 K1∘K2``), and per virtual observable ``(a, W, Σ_m W_m², held σ_c or None)``."""
+        if self._chain is not None:
+            return self._chain
+        model = self.model
+        with torch.no_grad():
+            K1, K2 = model.transition.affine_matrices(model._part(theta, "transition."),
+                                                      like.dtype, like.device)
+            sigma_r = float(model._part(theta, "transition.")["sigma_r"])
+            prec = sigma_r**-2
+            c1 = (K1 * K1).sum(1)
+            c2 = None if K2 is None else (K2 * K2).sum(1)
+            c12 = None if K2 is None else (2 * K1 * K2).sum(1)
+            vos = []
+            for vo in model.virtual_observables:
+                a, W = (torch.as_tensor(v, dtype=like.dtype, device=like.device)
+                        for v in vo.affine)
+                W = W.expand(a.shape[0], K1.shape[0]).contiguous()
+                held = theta.get(f"vo.{vo.name}.sigma")
+                vos.append((a, W, (W * W).sum(0), None if held is None else float(held)))
+
+        by_length = {}
+
+        def gv(T):
+            """d ELBO / d Var[X] of the transitions, ``(T, n_bins)``."""
+            if T not in by_length:
+                g = torch.zeros(T, K1.shape[0], dtype=like.dtype, device=like.device)
+                if T > 1:
+                    g[1:] -= 0.5 * prec
+                    g[:-1] -= 0.5 * prec * c1
+                    if K2 is not None:
+                        g[0] -= 0.5 * prec * (c2 + c12)
+                        g[:-2] -= 0.5 * prec * c2
+                by_length[T] = g
+            return by_length[T]
+
+        self._chain = SimpleNamespace(
+            K1=K1, K2=K2, K=K1 if K2 is None else torch.cat([K1, K2], 1),
+            KT=K1.T.contiguous() if K2 is None else torch.cat([K1.T, K2.T], 1),
+            prec=prec, log_sigma_r=math.log(sigma_r), vos=vos, gv=gv)
         return self._chain
 
     def _log_norm(self, counts, idx):
@@ -356,7 +402,6 @@ class FusedELBO(ELBO):
         if n != self.guide.n_sequences or counts.shape[1:] != (self.guide.n_times, model.n_bins):
             raise ValueError(f"counts of shape {tuple(counts.shape)}: the guide was built for "
                              f"{(self.guide.n_sequences, self.guide.n_times, model.n_bins)}")
-        totals = counts[:, 0].sum(-1) if totals is None else totals
         self.guide._own_store()  # as a call of the guide would
         theta, log_prior = self._theta_and_log_prior(counts.new_zeros(()))
         # θ constant, every sequence, and the paper's p_cf: the ELBO with its gradient by hand
@@ -366,6 +411,7 @@ class FusedELBO(ELBO):
                     and isinstance(self.model.emission, MultinomialEmission)
             if self._exact_applies:
                 return -self._exact(counts, totals, theta)
+        totals = counts[:, 0].sum(-1) if totals is None else totals
         # the guide's plate: the same draw of the minibatch, then of X
         with pyro.plate("sequences", n, subsample_size=subsample_size, dim=-1) as idx:
             pass

@@ -64,10 +64,12 @@ def _adam(params, **kwargs) -> torch.optim.Optimizer:
     """``Adam``, or ``SparseAdam`` for a parameter whose gradient is sparse: the lazy Adam of
     minibatch SVI, which updates (values and moments) only the rows of the batch, so a step
     costs O(batch) and rows outside the batch stay where they are. Pyro creates each optimizer
-    after the first backward pass, so the gradient's layout is known here."""
+    after the first backward pass, so the gradient's layout is known here. Dense ones use the
+    fused kernel (the same update in one pass over the parameter)."""
     (param,) = params
-    sparse = param.grad is not None and param.grad.is_sparse
-    return (torch.optim.SparseAdam if sparse else torch.optim.Adam)(params, **kwargs)
+    if param.grad is not None and param.grad.is_sparse:
+        return torch.optim.SparseAdam(params, **kwargs)
+    return torch.optim.Adam(params, fused=True, **kwargs)  # one kernel: 0.16 -> 0.11 ms
 
 
 class SVIInference:
