@@ -458,6 +458,11 @@ DECAY_RATE_PRIOR_SCALE = 1.0
 # would cost minutes of evidence steps, and there the local model is at the floor already.
 DENSE_AUTO_MAX_BINS = 32
 
+# memory="auto" with a single training sequence: the second-order law must win by a Bayes factor
+# of e^3 ~ 20 ("strong" on Kass & Raftery's scale) instead of any margin, since the comparison
+# rests on one trajectory of the sub-bin state (see FluxDrift's class docstring).
+ONE_SEQUENCE_MEMORY_MARGIN = 3.0
+
 
 def auto_radius(n_bins: int) -> int:
     """Reach of the jump stencil in bins: a quarter of the domain, at least 2, at most (B-1)/2."""
@@ -504,7 +509,10 @@ class FluxDrift(ThetaModule):
       :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` keeps its weights only where
       the evidence of the second-order law exceeds that of the first-order one (Bayesian
       model comparison on the same increments), and holds them at zero otherwise (the
-      first-order law): one sequence keeps the first-order law. With ``"auto"``
+      first-order law); with a single sequence it must win by ``ONE_SEQUENCE_MEMORY_MARGIN``
+      nats (strong evidence), since one trajectory of the sub-bin state is a noisy basis for
+      the choice, and with one sequence it is what makes coarse bins (8-16, where the
+      sub-bin state dominates) work at all. With ``"auto"``
       ``memory_radius`` is the longest reach: reaches ``1, 2, ...`` are tried in turn while
       each one's evidence beats the one before, and the weights beyond the kept reach are
       held at zero;
@@ -840,9 +848,10 @@ class FluxDrift(ThetaModule):
         stats = fit = None
         keep = None
         if self.memory_mode == "auto":
-            memory = frac.shape[0] >= 2 and frac.shape[1] >= 3
+            memory = frac.shape[1] >= 3
             if memory:  # the comparison's second-order fit is the one kept, if memory wins
-                memory, stats, fit, keep = self._memory_helps(frac, max_pairs)
+                margin = ONE_SEQUENCE_MEMORY_MARGIN if frac.shape[0] == 1 else 0.0
+                memory, stats, fit, keep = self._memory_helps(frac, max_pairs, margin)
         else:
             memory = bool(self.memory_mode) and frac.shape[1] >= 3
         values, posterior = self._fit_linear(frac, memory, max_pairs, stats, hedge=True, fit=fit,
@@ -944,15 +953,16 @@ class FluxDrift(ThetaModule):
             dx = None if dx is None else dx[keep]
         return x, dx, y
 
-    def _memory_helps(self, frac, max_pairs: int) -> tuple[bool, tuple, tuple, torch.Tensor]:
+    def _memory_helps(self, frac, max_pairs: int,
+                      margin: float = 0.0) -> tuple[bool, tuple, tuple, torch.Tensor]:
         """Bayesian model comparison of nested laws on the same targets, the increments from
         ``t = 1`` on: the first-order law, then second-order laws of memory reach ``1, ...,
         memory_radius``, each kept only while its log evidence (type-II ML) exceeds the
-        shorter one's (stepwise, so that one more candidate does not win by chance where the
-        step before it lost). The evidence charges the memory weights their Occam factor. A
-        shorter reach's regressors are a subset of the longest one's (each column of the
-        memory window is centred on its own), so its statistics are a sub-block of the same
-        Gram matrix. Returns the decision, the winning second-order
+        shorter one's by more than ``margin`` nats (stepwise, so that one more candidate does
+        not win by chance where the step before it lost). The evidence charges the memory
+        weights their Occam factor. A shorter reach's regressors are a subset of the longest
+        one's (each column of the memory window is centred on its own), so its statistics are
+        a sub-block of the same Gram matrix. Returns the decision, the winning second-order
         law's regression statistics and :meth:`_evidence_fit`, and the indices ``keep`` of
         its weights among the longest reach's (``None``: all of them)."""
         x, dx, y = self._spread_pairs(frac, True, max_pairs)
@@ -967,7 +977,7 @@ class FluxDrift(ThetaModule):
             stats = full if keep is None else (full[0][keep][:, keep], full[1][keep],
                                                *full[2:])
             fit = self._evidence_fit(*stats, groups if keep is None else groups[keep])
-            if fit[2] <= best[0]:  # nested laws: a longer reach only where each step gains
+            if fit[2] <= best[0] + margin:  # nested: a longer reach only where each step gains
                 break
             best = (fit[2], (stats, fit, keep))
         if best[1] is None:

@@ -288,10 +288,42 @@ def test_empirical_bayes_learns_a_known_memory_and_auto_switches_it():
     first_values, _ = first.initial_fit(first_order)
     assert not values["memory"].any() and "memory" not in auto.sample_linear(posterior, 2)
     assert rollout_error(auto, values, unseen) < 1.02 * rollout_error(first, first_values, unseen)
-    drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
-    # one sequence: the first-order law is kept
-    values, _ = drift.initial_fit(counts[:1])
+    # One sequence of first-order data: first-order law. One long sequence of the second-order
+    # law: memory (strong evidence).
+    values, _ = FluxDrift(B_SYN, radius=3, correction_radius=0,
+                          memory="auto").initial_fit(first_order[:1])
     assert not values["memory"].any()
+    values, _ = FluxDrift(B_SYN, radius=3, correction_radius=0,
+                          memory="auto").initial_fit(second_order_counts(1, T=40))
+    assert values["memory"].abs().max() > 0.01
+
+
+def test_one_sequence_needs_strong_evidence_for_memory(monkeypatch):
+    """With a single sequence memory="auto" keeps the second-order law only where its log
+    evidence beats the first-order law's by more than ONE_SEQUENCE_MEMORY_MARGIN nats; from two
+    sequences on, by any margin."""
+    from cgpyro.transitions import ONE_SEQUENCE_MEMORY_MARGIN
+
+    counts = second_order_counts(2)
+    drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
+    frac = (counts[:1] / counts[:1].sum(-1, keepdim=True)).double()
+    x, dx, y = drift._spread_pairs(frac, True, 8192)
+    first = drift._evidence_fit(*drift._gram(x, None, y, len(drift._groups(False))),
+                                drift._groups(False))[2]
+    second = drift._evidence_fit(*drift._gram(x, dx, y, len(drift._groups(True))),
+                                 drift._groups(True))[2]
+    gain = float(second - first)
+    assert gain > 0.5  # second-order data: the comparison has something to decide
+    assert drift._memory_helps(frac, 8192, margin=gain - 0.25)[0]
+    assert not drift._memory_helps(frac, 8192, margin=gain + 0.25)[0]
+    margins = []
+    helps = FluxDrift._memory_helps
+    monkeypatch.setattr(FluxDrift, "_memory_helps",
+                        lambda self, f, m, margin=0.0: margins.append(margin)
+                        or helps(self, f, m, margin))
+    drift.initial_fit(counts[:1])
+    drift.initial_fit(counts)
+    assert margins == [ONE_SEQUENCE_MEMORY_MARGIN, 0.0]
 
 
 def test_memory_spec_key_and_second_order_model_train_and_forecast(tmp_path):
