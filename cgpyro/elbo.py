@@ -303,7 +303,7 @@ class FusedELBO(ELBO):
             0.5 * (1 + math.log(2 * math.pi)) * T  # entropy
             - math.log(model.x0_scale) - half_log_2pi  # p(X_0)
             - (T - 1) * (chain.log_sigma_r + half_log_2pi))
-        gv = chain.gv(T)
+        gv = chain.gv
         affine_vos = []
         for vo, (a, W, ww, held_sigma) in zip(model.virtual_observables, chain.vos, strict=True):
             # σ_c as model.vo_sigma gives it: the held site, or the tolerance at this progress
@@ -334,10 +334,12 @@ class FusedELBO(ELBO):
         return cached[3]
 
     def _held_chain(self, theta, like) -> SimpleNamespace:
-        """What the constant θ fixes, built once: the transition's affine matrices ``K1, K2``
-        (and side by side, ``K = [K1 | K2]``, ``KT = [K1ᵀ | K2ᵀ]``), ``1 / σ_r²``, the Var
-        coefficients of the chain ``gv(T)`` (from the row sums of ``K1∘K1``, ``K2∘K2``,
-        ``2 K1∘K2``), and per virtual observable ``(a, W, Σ_m W_m², held σ_c or None)``."""
+        """What the constant θ fixes, built once for states ``like`` ``(n, T, B)`` (the guide's
+        q(X), whose shape this ELBO is bound to): the transition's affine matrices ``K1, K2``
+        (and side by side, ``K = [K1 | K2]``, ``KT = [K1ᵀ | K2ᵀ]``), ``1 / σ_r²``, the chain's
+        Var coefficients ``gv`` ``(T, B)`` (d ELBO / d Var[X], from the row sums of ``K1∘K1``,
+        ``K2∘K2``, ``2 K1∘K2``), and per virtual observable ``(a, W, Σ_m W_m², held σ_c or
+        None)``."""
         if self._chain is not None:
             return self._chain
         model = self.model
@@ -357,21 +359,14 @@ class FusedELBO(ELBO):
                 held = theta.get(f"vo.{vo.name}.sigma")
                 vos.append((a, W, (W * W).sum(0), None if held is None else float(held)))
 
-        by_length = {}
-
-        def gv(T):
-            """d ELBO / d Var[X] of the transitions, ``(T, n_bins)``."""
-            if T not in by_length:
-                g = torch.zeros(T, K1.shape[0], dtype=like.dtype, device=like.device)
-                if T > 1:
-                    g[1:] -= 0.5 * prec
-                    g[:-1] -= 0.5 * prec * c1
-                    if K2 is not None:
-                        g[0] -= 0.5 * prec * (c2 + c12)
-                        g[:-2] -= 0.5 * prec * c2
-                by_length[T] = g
-            return by_length[T]
-
+            T = like.shape[1]
+            gv = torch.zeros(T, K1.shape[0], dtype=like.dtype, device=like.device)
+            if T > 1:
+                gv[1:] -= 0.5 * prec
+                gv[:-1] -= 0.5 * prec * c1
+                if K2 is not None:
+                    gv[0] -= 0.5 * prec * (c2 + c12)
+                    gv[:-2] -= 0.5 * prec * c2
         self._chain = SimpleNamespace(
             K1=K1, K2=K2, K=K1 if K2 is None else torch.cat([K1, K2], 1),
             KT=K1.T.contiguous() if K2 is None else torch.cat([K1.T, K2.T], 1),

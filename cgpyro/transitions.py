@@ -509,10 +509,10 @@ class FluxDrift(ThetaModule):
       :class:`~cgpyro.distributions.MarkovChain`). ``memory="auto"`` keeps its weights only where
       the evidence of the second-order law exceeds that of the first-order one (Bayesian
       model comparison on the same increments), and holds them at zero otherwise (the
-      first-order law); with a single sequence it must win by ``ONE_SEQUENCE_MEMORY_MARGIN``
-      nats (strong evidence), since one trajectory of the sub-bin state is a noisy basis for
-      the choice, and with one sequence it is what makes coarse bins (8-16, where the
-      sub-bin state dominates) work at all. With ``"auto"``
+      first-order law). With a single sequence it must win by ``ONE_SEQUENCE_MEMORY_MARGIN``
+      nats (strong evidence): one trajectory of the sub-bin state is a noisy basis for the
+      choice, yet coarse bins (8-16, where the sub-bin state dominates) need the term even
+      then. With ``"auto"``
       ``memory_radius`` is the longest reach: reaches ``1, 2, ...`` are tried in turn while
       each one's evidence beats the one before, and the weights beyond the kept reach are
       held at zero;
