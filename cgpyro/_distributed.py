@@ -17,13 +17,16 @@ that calls ``torch.distributed.init_process_group("gloo")`` and then
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 from pyro.poutine.messenger import Messenger
+from tqdm import tqdm
 
 __all__ = ["ScaleGlobal", "agree", "all_reduced", "gather_rows", "processes", "shard", "world"]
 
@@ -109,6 +112,9 @@ def _worker(index: int, size: int, init_file: str, path: str, steps: int,
     from .run import Run, _StepBoundarySignals
 
     torch.set_num_threads(1)  # one core per process
+    # tqdm's default lock is a multiprocessing semaphore, which the os._exit below would leak
+    # (a resource_tracker warning in the parent); this process shows no bar
+    tqdm.set_lock(threading.RLock())
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=index + 1,
                             world_size=size)
     try:
@@ -116,14 +122,23 @@ def _worker(index: int, size: int, init_file: str, path: str, steps: int,
         inference = run._inference(steps=steps, progress=False, callbacks=(), checkpoint=True)
         signals = _StepBoundarySignals()  # Ctrl-C reaches every process: stop together
         signals.install(inference)
+        interrupted = False
         try:
             inference.fit(run.train, resume=run.checkpoint if run.checkpoint.is_file() else None)
         except KeyboardInterrupt:
-            pass  # every process stopped at the same step, and rank 0 saved it
+            interrupted = True  # every process stopped at the same step, and rank 0 saved it
         finally:
             signals.restore()
+        if not interrupted:
+            dist.barrier()  # pairs with rank 0's in processes(): all are past the last collective
     finally:
         dist.destroy_process_group()
+    # Nothing is left to do: skip the interpreter's teardown, where gloo's threads met a
+    # half-finalized interpreter once in CI (SIGABRT, "terminate called without an active
+    # exception", after a run that had finished and been saved).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @contextmanager
@@ -146,6 +161,8 @@ def processes(path, *, nproc: int, steps: int, allow_import=()) -> Iterator[None
                                     world_size=nproc)
             try:
                 yield
+                dist.barrier()  # every process is past its last collective
+                _join(context, timeout=None)  # they close their connections before this one
             finally:
                 dist.destroy_process_group()
         except KeyboardInterrupt:  # agreed at a step boundary: they save and stop too
@@ -154,7 +171,6 @@ def processes(path, *, nproc: int, steps: int, allow_import=()) -> Iterator[None
         except BaseException:
             _join(context, timeout=0)
             raise
-        _join(context, timeout=None)
 
 
 def _join(context, timeout: float | None) -> None:
