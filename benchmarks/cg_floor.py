@@ -4,7 +4,8 @@ reconstructed from the CG state alone (uniform inside each bin), against the ora
 The oracle knows the FG state at T; a CG model knows bin fractions only. On the held-out
 "bumps" initial conditions of benchmarks/curves.py (same seeds) this reference measures how much
 of the gap at 15 Δt is missing sub-bin information rather than learning. It is not a model (it
-uses the true kernel). ``python benchmarks/cg_floor.py [--bins 25] [--seeds 0,1,2,3,4]``
+uses the true kernel). ``python benchmarks/cg_floor.py [--bins 25] [--micro-steps 1600]
+[--seeds 0,1,2,3,4]`` (``--micro-steps``: Δt of the paper's system in micro steps)
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ TIMES = [15, 20, 25, 35]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--bins", type=int, default=25)
+    p.add_argument("--micro-steps", type=int, default=1600)
     p.add_argument("--seeds", default="0,1,2,3,4")
     a = p.parse_args()
     T = 10
     print("| seed | " + " | ".join(f"ratio@{t}" for t in TIMES) + " |")
     print("|---|" + "---|" * len(TIMES))
     for seed in (int(s) for s in a.seeds.split(",")):
-        test, sim = simulate_dataset(16, 40, n_bins=a.bins, seed=seed + 1000, family="bumps")
+        test, sim = simulate_dataset(16, 40, n_bins=a.bins, seed=seed + 1000, family="bumps",
+                                      micro_steps=a.micro_steps)
         obs = test.counts / test.counts.sum(-1, keepdims=True)
         hs = np.array(TIMES) - (T - 1)
         oracle = oracle_fractions(sim.system, sim.occupancy[:, T - 1], hs, a.bins)

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from cgpyro.datasets import load_dataset_spec, simulate_spec
-from cgpyro.specs import SpecError
+from cgpyro.inference import SVIInference
+from cgpyro.specs import SpecError, load_model, specs_dir
+from cgpyro.systems import simulate_dataset
 
 
 def test_shipped_specs_load():
@@ -32,3 +34,27 @@ def test_bad_specs_are_refused(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(SpecError, match=match):
         load_dataset_spec(path)
+
+
+MATRIX_CELLS = sorted(p.stem for p in (specs_dir() / "data").glob("*.toml")
+                      if p.stem.startswith(("matrix_", "offmatrix_")))
+
+
+def test_the_matrix_has_its_cells():
+    assert len(MATRIX_CELLS) >= 13, MATRIX_CELLS
+
+
+@pytest.mark.parametrize("name", MATRIX_CELLS)
+def test_matrix_cell_simulates_and_trains_a_few_steps(name):
+    """Each robustness-matrix cell (benchmarks/matrix.py): its spec loads, a small copy of its
+    system (its bins, Δt and transport; 2 sequences x 3 snapshots of 2,000 particles) simulates,
+    and the default model trains 5 steps on it to a finite loss."""
+    spec = load_dataset_spec(name)
+    bins = spec.sampling["n_bins"]
+    data, _ = simulate_dataset(n_sequences=2, n_steps=2, n_bins=bins, seed=0,
+                               **{**spec.system_params, "n_particles": 2000})
+    assert data.counts.shape == (2, 3, bins)
+    assert np.all(data.counts.sum(-1) == 2000)
+    model = load_model("physics", n_bins=bins)
+    inference = SVIInference(model, steps=5, progress=False).fit(data)
+    assert inference.step == 5 and np.isfinite(inference.loss_history).all()
