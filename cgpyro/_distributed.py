@@ -133,9 +133,9 @@ def _worker(index: int, size: int, init_file: str, path: str, steps: int,
             dist.barrier()  # pairs with rank 0's in processes(): all are past the last collective
     finally:
         dist.destroy_process_group()
-    # Nothing is left to do: skip the interpreter's teardown, where gloo's threads met a
-    # half-finalized interpreter once in CI (SIGABRT, "terminate called without an active
-    # exception", after a run that had finished and been saved).
+    # Nothing is left to do, so skip the interpreter's teardown: a worker aborted once in CI
+    # after a finished, saved run (SIGABRT, "terminate called without an active exception":
+    # a C++ thread still joinable at exit, in gloo's destroy or in the teardown).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
