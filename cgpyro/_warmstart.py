@@ -169,13 +169,18 @@ def _fit_flux_drift(model, counts, theta, max_iter, fixed):
     def step(x, th, x_prev):  # (time, sequence, bin): totals broadcast over sequences
         return (x + drift(x, th, totals, x_prev=x_prev)).clamp(-1.0, 2.0)
 
-    # X_{t-1} for a drift with memory, with X_{-1} = X_0 as in the model
-    before = torch.cat([frac[:, :1], frac[:, :-1]], 1)
+    # X_{t-m} for a drift with memory, with X_{-1} = ... = X_0 as in the model
+    def earlier(m):
+        return torch.cat([frac[:, :1]] * m + [frac[:, :-m]], 1)
+
+    before = earlier(1)
+    # the law's earlier states at each pair (time first): X_{t-1}, or (X_{t-1}, X_{t-2}, ...)
+    older = tuple(earlier(m)[:, :-1].transpose(0, 1) for m in range(1, max(drift.order, 2)))
+    older = older[0] if len(older) == 1 else older
     n_times = frac.shape[1]
     H = min(4, n_times - 1)
     with torch.no_grad():
-        lin = step(frac[:, :-1].transpose(0, 1), drift_theta({}),
-                   before[:, :-1].transpose(0, 1)).transpose(0, 1)
+        lin = step(frac[:, :-1].transpose(0, 1), drift_theta({}), older).transpose(0, 1)
         sigma2 = (lin - frac[:, 1:]).pow(2).mean().clamp_min(1e-30)
 
     def loss_fn(params):
@@ -194,7 +199,7 @@ def _fit_flux_drift(model, counts, theta, max_iter, fixed):
             theta.update({k: v.detach() for k, v in params.items()})
     with torch.no_grad():
         x = frac[:, :-1].transpose(0, 1)  # one step of the fitted drift (network included)
-        residuals = (step(x, drift_theta({}), before[:, :-1].transpose(0, 1))
+        residuals = (step(x, drift_theta({}), older)
                      - frac[:, 1:].transpose(0, 1)).reshape(-1, drift.n_bins)
     for name, value in model.transition.noise_init(residuals).items():
         if f"transition.{name}" not in fixed:

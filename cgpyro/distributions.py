@@ -86,22 +86,23 @@ class BinCounts(TorchDistribution):
 
 
 class MarkovChain(TorchDistribution):
-    r"""Joint density of a Markov chain of order one or two, vectorized over time.
+    r"""Joint density of a Markov chain of order ``k ≥ 1``, vectorized over time.
 
-    ``p(X_{0:T-1}) = p_0(X_0) Π_{t≥1} p(X_t | X_{t-1}[, X_{t-2}])`` with event shape
-    ``(n_steps, n_bins)``. With ``order=2`` the step also sees the state before (a memory of the
-    unresolved sub-bin state); the first transition, which has no state before ``X_0``, sees
-    ``X_{-1} = X_0``. With ``start`` given instead of ``init``, the chain is ``X_{1:n}``
-    continuing from known states (used for forecasts): ``Π_{t=1}^{n} p(X_t | X_{t-1}, ...)``.
+    ``p(X_{0:T-1}) = p_0(X_0) Π_{t≥1} p(X_t | X_{t-1}, ..., X_{t-k})`` with event shape
+    ``(n_steps, n_bins)``. With ``order > 1`` the step also sees earlier states (a memory of the
+    unresolved sub-bin state); the first transitions, which have no states before ``X_0``, see
+    ``X_{-1} = ... = X_{-k+1} = X_0``. With ``start`` given instead of ``init``, the chain is
+    ``X_{1:n}`` continuing from known states (used for forecasts):
+    ``Π_{t=1}^{n} p(X_t | X_{t-1}, ...)``.
 
-    :param step: ``step(X_{t-1})`` (order 1) or ``step(X_{t-1}, X_{t-2})`` (order 2), each
-        ``(..., n_bins)``, returns the distribution of ``X_t`` (event shape ``(n_bins,)``); it
-        must broadcast over leading axes.
+    :param step: ``step(X_{t-1}, X_{t-2}, ..., X_{t-k})`` (newest first; one argument for
+        order 1), each ``(..., n_bins)``, returns the distribution of ``X_t`` (event shape
+        ``(n_bins,)``); it must broadcast over leading axes.
     :param n_steps: number of states in the event.
     :param init: distribution of ``X_0`` (event ``(n_bins,)``), or ``None`` with ``start``.
     :param start: known states preceding the chain, ``(..., n_bins)`` (the last one) or, for
-        order 2, ``(..., 2, n_bins)`` (the last two, oldest first).
-    :param order: 1 or 2.
+        order ``k > 1``, ``(..., k, n_bins)`` (the last ``k``, oldest first).
+    :param order: ``k``, a positive integer.
     :param expected_log_prob: optional ``fn(loc, scale)``: ``E_q[log p(X)]`` per batch element
         under a mean-field ``q(X) = LogNormal(loc, scale)`` of the event's shape, where the
         law has a closed form (read by :class:`~cgpyro.elbo.AnalyticTraceELBO`; a latent
@@ -124,15 +125,16 @@ class MarkovChain(TorchDistribution):
     ):
         assert (init is None) != (start is None), "MarkovChain takes exactly one of init, start"
         self.expected_log_prob = expected_log_prob
-        assert order in (1, 2), f"order must be 1 or 2, got {order}"
+        assert isinstance(order, int) and order >= 1, f"order must be a positive int, got {order}"
         self.step, self.n_steps, self.init, self.order = step, int(n_steps), init, order
-        assert start is None or order == 1 or (start.dim() >= 2 and start.shape[-2] == 2), \
-            f"an order-2 chain starts from the last two states (..., 2, n_bins), got {start.shape}"
+        assert start is None or order == 1 or (start.dim() >= 2 and start.shape[-2] == order), \
+            f"an order-{order} chain starts from the last {order} states (..., {order}, " \
+            f"n_bins), got {None if start is None else tuple(start.shape)}"
         self.start = start
         if init is not None:
             batch_shape, n_bins = init.batch_shape, init.event_shape[-1]
         else:
-            batch_shape = start.shape[:-2] if order == 2 else start.shape[:-1]
+            batch_shape = start.shape[:-2] if order > 1 else start.shape[:-1]
             n_bins = start.shape[-1]
         super().__init__(
             batch_shape, torch.Size([self.n_steps, n_bins]), validate_args=False
@@ -146,47 +148,45 @@ class MarkovChain(TorchDistribution):
             return MarkovChain(self.step, self.n_steps, init=self.init.expand(batch_shape),
                                order=self.order,
                                expected_log_prob=self.expected_log_prob if same else None)
-        event = self.start.shape[-2:] if self.order == 2 else self.start.shape[-1:]
+        event = self.start.shape[-2:] if self.order > 1 else self.start.shape[-1:]
         start = self.start.expand(batch_shape + event)
         return MarkovChain(self.step, self.n_steps, start=start, order=self.order)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        k = self.order
         if self.init is not None:
             lp = self.init.log_prob(value[..., 0, :])
-            # order 2: X_{-1} = X_0; order 1 needs no copy (the default, on every SVI step)
-            states = value if self.order == 1 else torch.cat([value[..., :1, :], value], -2)
+            # X_{-1} = ... = X_0; order 1 needs no copy (the default, on every SVI step)
+            states = value if k == 1 else torch.cat([value[..., :1, :]] * (k - 1) + [value], -2)
         else:
             lp = 0.0
-            start = self.start if self.order == 2 else self.start.unsqueeze(-2)
+            start = self.start if k > 1 else self.start.unsqueeze(-2)
             states = torch.cat([start.expand(*value.shape[:-2], *start.shape[-2:]), value], -2)
-        # states = [X_{-order+1} .. X_{T-1}] (init) or [start..., X_1 .. X_n]; predict the
-        # ``n_next`` last ones from the ones before.
+        # states = [X_{-k+1} .. X_{T-1}] (init) or [start..., X_1 .. X_n]; predict the
+        # ``n_next`` last ones from the ``k`` before each.
         n_next = value.shape[-2] - (1 if self.init is not None else 0)
         if n_next > 0:
             T = states.shape[-2]
             nxt = states[..., T - n_next:, :]
-            prev = states[..., T - n_next - 1:T - 1, :]
             # Time leads, so batch axes of θ (particles, Predictive samples) stay aligned
             # with the batch axes of the states when ``step`` broadcasts them.
-            args = [prev.movedim(-2, 0)]
-            if self.order == 2:
-                args.append(states[..., T - n_next - 2:T - 2, :].movedim(-2, 0))
+            args = [states[..., T - n_next - m:T - m, :].movedim(-2, 0) for m in range(1, k + 1)]
             lp = lp + self.step(*args).log_prob(nxt.movedim(-2, 0)).sum(0)
         return lp
 
     def sample(self, sample_shape=torch.Size()) -> torch.Tensor:  # noqa: B008
         sample_shape = torch.Size(sample_shape)
+        k = self.order
         with torch.no_grad():
             if self.init is not None:
                 x = self.init.sample(sample_shape)
-                states, history = [x], [x] * self.order
+                states, history = [x], [x] * k
             else:
                 start = self.start.expand(sample_shape + self.start.shape)
                 states = []
-                history = list(start.unbind(-2)) if self.order == 2 else [start]
+                history = list(start.unbind(-2)) if k > 1 else [start]
             while len(states) < self.n_steps:
-                args = [history[-1]] if self.order == 1 else [history[-1], history[-2]]
-                nxt = self.step(*args).sample()
+                nxt = self.step(*history[:-k - 1:-1]).sample()  # newest first
                 states.append(nxt)
                 history.append(nxt)
         return torch.stack(states, -2)

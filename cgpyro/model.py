@@ -40,6 +40,12 @@ class _Prototype(Messenger):
             else transform_to(fn.support)(zero.clone())
 
 
+def _history(older: tuple):
+    """The earlier states a transition sees: ``None``, ``X_{t-1}``, or ``(X_{t-1}, X_{t-2},
+    ...)`` (newest first) for a law of order 3 or more."""
+    return None if not older else older[0] if len(older) == 1 else tuple(older)
+
+
 class CGModel(PyroModule):
     r"""Generative model ``p(x̂_{0:T}, ĉ_{0:T}, X_{0:T}, θ)`` for ``n`` sequences (eq. 9-13).
 
@@ -181,8 +187,8 @@ class CGModel(PyroModule):
         ``dtype`` (default: that of ``totals``)."""
         trans_theta = self._part(theta, "transition.")
 
-        def step(x, x_prev=None):
-            return self.transition(x, trans_theta, totals, x_prev=x_prev)
+        def step(x, *older):
+            return self.transition(x, trans_theta, totals, x_prev=_history(older))
 
         x0 = self.initial(totals.shape, dtype or totals.dtype, totals.device)
         expected = None
@@ -295,8 +301,8 @@ class CGModel(PyroModule):
 
             order = getattr(self.transition, "order", 1)
 
-            def step(x, x_prev=None):
-                return self.transition(x, trans_theta, n_tot, x_prev=x_prev)
+            def step(x, *older):
+                return self.transition(x, trans_theta, n_tot, x_prev=_history(older))
 
             if self.vectorized:
                 X = pyro.sample("X", self.state_chain(theta, n_tot, n_times, dtype))
@@ -316,8 +322,8 @@ class CGModel(PyroModule):
                 for t in pyro.markov(range(n_times), history=order):
                     if t == 0:
                         fn = self.initial(idx.shape, dtype, device)
-                    else:  # an order-2 law sees X_{-1} = X_0 at its first step (MarkovChain)
-                        fn = step(prev, states[-2] if order == 2 and t > 1 else prev)
+                    else:  # a law of order k sees X_{-1} = ... = X_0 at first (MarkovChain)
+                        fn = step(*[states[max(t - m, 0)] for m in range(1, order + 1)])
                     prev = pyro.sample(f"X_{t}", fn)
                     with resample:
                         pyro.sample(
@@ -329,9 +335,9 @@ class CGModel(PyroModule):
                     states.append(prev)
                 X = torch.stack(states, -2)
             if forecast:
-                if order == 2:
-                    start = X[..., -2:, :] if X.shape[-2] >= 2 else X[..., -1:, :].expand(
-                        *X.shape[:-2], 2, X.shape[-1])
+                if order > 1:  # the last k states, X_0 repeated before the start
+                    last = torch.arange(X.shape[-2] - order, X.shape[-2]).clamp_min(0)
+                    start = X[..., last.to(X.device), :]
                 else:
                     start = X[..., -1, :]
                 Xf = pyro.sample("X_forecast", MarkovChain(step, forecast, start=start,

@@ -156,11 +156,13 @@ def forecast(
         theta.update({k: v.to(x) for k, v in model.fixed.items()})
         theta.update(draws)
         T0 = counts.shape[1]
-        prev = x[:, :, T0 - 1]
-        before = x[:, :, max(T0 - 2, 0)]  # X_{t-1}: used by a second-order law only
+        k = getattr(model.transition, "order", 1)
+        # X_{t}, X_{t-1}, ..., X_{t-k+1} (newest first; before X_0: X_0), the law's history
+        hist = [x[:, :, max(T0 - 1 - m, 0)] for m in range(max(k, 2))]
         for t in range(T0, T0 + horizon):
-            prev, before = model.transition_mean(prev, theta, totals, before), prev
-            x[:, :, t] = prev
+            older = hist[1] if k <= 2 else tuple(hist[1:k])
+            hist = [model.transition_mean(hist[0], theta, totals, older), *hist[:-1]]
+            x[:, :, t] = hist[0]
         if not band_noise:
             future = x[:, :, T0:]
             m[:, :, T0:] = model.emission_dist(future, totals[:, None], theta).sample()

@@ -47,6 +47,9 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
                                      # "auto" (on where the evidence prefers it)
     memory_radius = 1                # flux: reach of the memory stencil (bins; with "auto"
                                      # the longest reach the evidence may choose)
+    memory_lags = 1                  # flux: increments in the memory term (ΔX_t, ΔX_{t-1},
+                                     # ...: a chain of order 1 + lags; with "auto" the most
+                                     # the evidence may choose)
     jump_prior = "decay"             # flux: prior variance of a jump falls off with its reach
                                      # at a learned rate (locality) | "flat" (one scale)
     dense = false                    # flux: + a dense bin-to-bin rate correction under a
@@ -143,7 +146,7 @@ MODEL_KEYS = {
     "transition": ("drift", "hidden", "activation", "linear_skip", "conserve_mass", "noise",
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
-                   "hyper_prior_scale", "memory", "memory_radius", "jump_prior",
+                   "hyper_prior_scale", "memory", "memory_radius", "memory_lags", "jump_prior",
                    "dense", "forecast_noise"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
@@ -293,7 +296,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
                              "channels, kernel")
     else:
         for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale",
-                    "memory", "memory_radius", "jump_prior", "dense"):
+                    "memory", "memory_radius", "memory_lags", "jump_prior", "dense"):
             if tr.has(key):
                 tr.fail(key, "is a flux setting; set drift = 'flux' to use it")
     radius = tr.data.get("radius", "auto")
@@ -310,6 +313,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
         hyper_prior_scale=tr.get_number,
         memory=lambda k: _memory_setting(tr, k),
         memory_radius=lambda k: tr.get_int(k, minimum=0),
+        memory_lags=lambda k: tr.get_int(k, minimum=1),
         jump_prior=lambda k: tr.get_str(k, choices=("decay", "flat")),
         dense=lambda k: _memory_setting(tr, k),
         hidden=tr.widths,

@@ -291,10 +291,11 @@ class GaussianTransition(ThetaModule):
         """Whether :meth:`expected_log_prob` has a closed form for ``theta``: isotropic noise, a
         drift linear in the state (``drift.linear_in_state``) and θ without posterior-draw
         axes."""
-        if self.noise != "isotropic" or not getattr(self.drift, "linear_in_state", False):
+        if self.noise != "isotropic" or not getattr(self.drift, "linear_in_state", False) \
+                or self.order > 2:  # the closed forms hold K_1, K_2 only (no K_3, ... yet)
             return False
         return theta["sigma_r"].dim() == 0 \
-            and self.drift._unbatched(self._drift_theta(theta), self.order == 2)
+            and self.drift._unbatched(self._drift_theta(theta), self.order >= 2)
 
     def _drift_theta(self, theta):
         return {k[len("drift."):]: v for k, v in theta.items() if k.startswith("drift.")}
@@ -515,7 +516,12 @@ class FluxDrift(ThetaModule):
       then. With ``"auto"``
       ``memory_radius`` is the longest reach: reaches ``1, 2, ...`` are tried in turn while
       each one's evidence beats the one before, and the weights beyond the kept reach are
-      held at zero;
+      held at zero. With ``memory_lags = L > 1`` the term also has stencils of the older
+      increments ``ΔX_{t-1}, ..., ΔX_{t-L+1}`` (sites ``memory2``, ...; a chain of order
+      ``1 + L``), for short time steps, where the sub-bin state persists for many steps;
+      with ``"auto"`` each older lag is kept only while its evidence beats the law without it
+      on every target both can use (after the first lag is kept). Order above 2 has no
+      closed-form ELBO yet: such a model trains on the traced path (about 3x slower);
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
       ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, site
@@ -542,6 +548,7 @@ class FluxDrift(ThetaModule):
         memory_radius: int = 1,
         jump_prior: str = "decay",
         dense: bool | str = False,
+        memory_lags: int = 1,
     ):
         super().__init__()
         B = int(n_bins)
@@ -581,8 +588,15 @@ class FluxDrift(ThetaModule):
         if dense not in (True, False, "auto"):
             raise ValueError(f"dense must be true, false or 'auto', got {dense!r}")
         self.dense_on = bool(dense is True or (dense == "auto" and B <= DENSE_AUTO_MAX_BINS))
+        if isinstance(memory_lags, bool) or not isinstance(memory_lags, int) or memory_lags < 1:
+            raise ValueError(f"memory_lags must be a positive integer, got {memory_lags!r}")
+        if memory_lags > 1 and channels:  # the network's warm start sees one earlier state
+            raise ValueError("memory_lags > 1 is not yet supported with a flux network "
+                             "(channels)")
         self.memory_mode = memory
         self.memory_radius = memory_radius if memory else 0
+        # increments ΔX_t, ΔX_{t-1}, ... in the memory term (with "auto": the most tried)
+        self.memory_lags = memory_lags if memory else 0
         self.n_bins, self.radius, self.correction_radius = B, radius, correction_radius
         self.channels, self.kernel, self.activation = tuple(int(c) for c in channels), kernel, \
             activation
@@ -597,6 +611,10 @@ class FluxDrift(ThetaModule):
         self._declare_sites()
 
     # -- declaration -------------------------------------------------------------------
+    def _memory_sites(self) -> list[str]:
+        """``memory`` (weights of ``ΔX_t``), ``memory2`` (of ``ΔX_{t-1}``), ...: one per lag."""
+        return [f"memory{m}" if m > 1 else "memory" for m in range(1, self.memory_lags + 1)]
+
     def _corr_offsets(self) -> list[int]:
         c = self.correction_radius
         return [k for k in range(-c, c + 1) if k != 0]
@@ -607,8 +625,8 @@ class FluxDrift(ThetaModule):
             shapes["delta"] = torch.Size([self.n_bins, 2 * self.correction_radius])
         if self.dense_on:
             shapes["dense"] = torch.Size([self.n_bins, self.n_bins])
-        if self.memory_mode:
-            shapes["memory"] = torch.Size([2 * self.memory_radius + 1])
+        for name in self._memory_sites():
+            shapes[name] = torch.Size([2 * self.memory_radius + 1])
         sizes = (2, *self.channels, 1) if self.channels else ()
         for k, (i, o) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             shapes[f"flux.{k}.weight"] = torch.Size([o, i, self.kernel])
@@ -624,8 +642,8 @@ class FluxDrift(ThetaModule):
             names += ["correction_scale", "delta"]
         if self.dense_on:
             names += ["dense_scale", "dense"]
-        if self.memory_mode:
-            names += ["memory_scale", "memory"]
+        for name in self._memory_sites():
+            names += [f"{name}_scale", name]
         if self.channels:
             names.append("total_ref")
         return names
@@ -660,7 +678,7 @@ class FluxDrift(ThetaModule):
             ).to_event(1))
         else:
             self.declare("jumps", under("jump_scale", shapes["jumps"]))
-        for part in ("correction", "dense", "memory"):
+        for part in ("correction", "dense", *self._memory_sites()):
             site = "delta" if part == "correction" else part
             if site in shapes:
                 self.declare(f"{part}_scale", hyper)
@@ -681,9 +699,9 @@ class FluxDrift(ThetaModule):
         if self.dense_on:
             values["dense_scale"] = torch.tensor(0.01, dtype=dtype)
             values["dense"] = torch.zeros(self.n_bins, self.n_bins, dtype=dtype)
-        if self.memory_mode:
-            values["memory_scale"] = torch.tensor(0.01, dtype=dtype)
-            values["memory"] = torch.zeros(2 * self.memory_radius + 1, dtype=dtype)
+        for name in self._memory_sites():
+            values[f"{name}_scale"] = torch.tensor(0.01, dtype=dtype)
+            values[name] = torch.zeros(2 * self.memory_radius + 1, dtype=dtype)
         if self.channels:
             values["total_ref"] = torch.tensor(1.0, dtype=dtype)
         shapes = self.shapes()
@@ -706,9 +724,10 @@ class FluxDrift(ThetaModule):
         win = dx[..., (j[:, None] - k) % B]
         return win - win.mean(-2, keepdim=True)  # the memory term moves no mass
 
-    def _memory_term(self, x, x_prev, memory) -> torch.Tensor:
-        """``Σ_k c_k ΔX_{j-k} - mean_j``, shape of ``x``; ``memory`` ``(..., 2r+1)``."""
-        return (self._memory_window(x - x_prev) * memory.unsqueeze(-2)).sum(-1)
+    def _memory_term(self, dx, memory) -> torch.Tensor:
+        """``Σ_k c_k ΔX_{j-k} - mean_j`` of an increment ``dx``, shape of ``dx``; ``memory``
+        ``(..., 2r+1)``."""
+        return (self._memory_window(dx) * memory.unsqueeze(-2)).sum(-1)
 
     def _features(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> torch.Tensor:
         """Regressors of the linear part: ``(..., B, P)`` with ``P = 2·radius + B·2·c``
@@ -729,8 +748,8 @@ class FluxDrift(ThetaModule):
             flow = x[..., None, None, :] * (eye[:, :, None] - eye[:, None, :])  # (..., r, i, j)
             off = ~torch.eye(B, dtype=torch.bool, device=x.device)
             feats.append(flow[..., off])
-        if dx is not None:
-            feats.append(self._memory_window(dx))
+        if dx is not None:  # ΔX_t, ΔX_{t-1}, ... side by side: one window each
+            feats += [self._memory_window(d) for d in dx.split(B, -1)]
         return torch.cat(feats, -1)
 
     def _unbatched(self, theta: dict[str, torch.Tensor], memory: bool) -> bool:
@@ -738,7 +757,7 @@ class FluxDrift(ThetaModule):
         return (theta["jumps"].dim() == 1
                 and (not self.correction_radius or theta["delta"].dim() == 2)
                 and (not self.dense_on or theta["dense"].dim() == 2)
-                and (not memory or theta["memory"].dim() == 1))
+                and (not memory or all(theta[n].dim() == 1 for n in self._memory_sites())))
 
     def _matrix_form(self, x: torch.Tensor, theta: dict[str, torch.Tensor], memory: bool) -> bool:
         """Whether :meth:`forward` applies the linear part as one (B, B) matrix, built from the
@@ -792,19 +811,26 @@ class FluxDrift(ThetaModule):
     def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
                 totals: torch.Tensor | None = None,
                 x_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` (memory term;
-        ``None``: no earlier state, no memory)."""
+        """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` or, with more than
+        one memory lag, ``(X_{t-1}, X_{t-2}, ...)`` (newest first; the memory term; ``None``: no
+        earlier state, no memory)."""
         memory = bool(self.memory_mode) and x_prev is not None
+        increments = []  # (ΔX_{t-m+1}, its weights) for each lag m
+        if memory:
+            hist = (x, *((x_prev,) if torch.is_tensor(x_prev) else x_prev))
+            assert len(hist) > self.memory_lags, \
+                f"{self.memory_lags} memory lags need {self.memory_lags} earlier states"
+            increments = [(hist[m] - hist[m + 1], theta[name])
+                          for m, name in enumerate(self._memory_sites())]
         if self._matrix_form(x, theta, memory):
             eye = torch.eye(self.n_bins, dtype=x.dtype, device=x.device)
             out = x @ self.linear(eye, theta)
-            if memory:
-                out = out + (x - x_prev) @ self._memory_term(eye, torch.zeros_like(eye),
-                                                              theta["memory"])
+            for dx, w in increments:
+                out = out + dx @ self._memory_term(eye, w)
         else:
             out = self.linear(x, theta)
-            if memory:
-                out = out + self._memory_term(x, x_prev, theta["memory"])
+            for dx, w in increments:
+                out = out + self._memory_term(dx, w)
         if self.channels:
             F_ = self.face_flux(x, theta, totals)
             out = out - (F_ - F_.roll(1, -1)) / self.n_bins
@@ -820,10 +846,10 @@ class FluxDrift(ThetaModule):
     # -- empirical Bayes -----------------------------------------------------------------
     @property
     def order(self) -> int:
-        """2 with a memory term (``p(X_{t+1} | X_t, X_{t-1})``), else 1. With ``memory="auto"``
-        the term is declared and the data decide its weights (zero where the evidence rejects
-        it: the same law as first order)."""
-        return 2 if self.memory_mode else 1
+        """``1 + memory_lags`` with a memory term (``p(X_{t+1} | X_t, ..., X_{t-L})``), else 1.
+        With ``memory="auto"`` the term is declared and the data decide its weights (zero where
+        the evidence rejects a lag: the same law as a lower order)."""
+        return 1 + self.memory_lags if self.memory_mode else 1
 
     def initial_fit(self, counts: torch.Tensor, max_pairs: int = 8192) -> tuple[dict, tuple]:
         """Empirical Bayes for the linear part on pairs of empirical fractions.
@@ -852,31 +878,40 @@ class FluxDrift(ThetaModule):
             if memory:  # the comparison's second-order fit is the one kept, if memory wins
                 margin = ONE_SEQUENCE_MEMORY_MARGIN if frac.shape[0] == 1 else 0.0
                 memory, stats, fit, keep = self._memory_helps(frac, max_pairs, margin)
-        else:
-            memory = bool(self.memory_mode) and frac.shape[1] >= 3
+                if memory and self.memory_lags > 1 and frac.shape[1] >= 4:
+                    memory, stats, fit, keep = self._memory_lags_help(
+                        frac, max_pairs, margin, min(self.memory_lags, frac.shape[1] - 2),
+                        (1, stats, fit, keep))
+        else:  # every declared lag the snapshots allow
+            memory = min(self.memory_lags, frac.shape[1] - 2) if self.memory_mode else 0
         values, posterior = self._fit_linear(frac, memory, max_pairs, stats, hedge=True, fit=fit,
                                              keep=keep)
         if self.channels:
             values["total_ref"] = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
         return values, posterior
 
-    def _pairs(self, frac, memory: bool):
-        """Regression pairs ``(x, dx, y)``, rows ``(sequence, time)`` sequence-major, each
-        ``(rows, B)``; ``dx`` (memory: pairs from t = 1 on, with the increment before them)
-        or ``None``."""
-        B = self.n_bins
-        if memory:
-            x, dx = frac[:, 1:-1].reshape(-1, B), (frac[:, 1:-1] - frac[:, :-2]).reshape(-1, B)
-            return x, dx, (frac[:, 2:] - frac[:, 1:-1]).reshape(-1, B)
-        return frac[:, :-1].reshape(-1, B), None, (frac[:, 1:] - frac[:, :-1]).reshape(-1, B)
+    def _pairs(self, frac, lags: int):
+        """Regression pairs ``(x, dx, y)``, rows ``(sequence, time)`` sequence-major, ``x`` and
+        ``y`` ``(rows, B)``; ``dx`` (``lags`` ≥ 1 memory lags: pairs from ``t = lags`` on, with
+        the increments ``ΔX_t, ..., ΔX_{t-lags+1}`` side by side, ``(rows, lags·B)``) or
+        ``None``."""
+        B, T, L = self.n_bins, frac.shape[1], int(lags)
+        x, y = frac[:, L:T - 1].reshape(-1, B), (frac[:, L + 1:] - frac[:, L:T - 1]).reshape(-1, B)
+        if not L:
+            return x, None, y
+        dx = torch.cat([frac[:, L - m + 1:T - m] - frac[:, L - m:T - m - 1]
+                        for m in range(1, L + 1)], -1)
+        return x, dx.reshape(-1, L * B), y
 
-    def _groups(self, memory: bool) -> torch.Tensor:
+    def _groups(self, lags: int) -> torch.Tensor:
+        """Prior group of each weight: 0 jumps, 1 δ, 3 dense, then the memory windows of
+        ``lags`` lags (2 for ``ΔX_t``, ``3 + m`` for lag ``m ≥ 2``)."""
         B = self.n_bins
         groups = [0] * (2 * self.radius) + [1] * (B * 2 * self.correction_radius)
         if self.dense_on:
             groups += [3] * (B * (B - 1))
-        if memory:
-            groups += [2] * (2 * self.memory_radius + 1)
+        for m in range(1, int(lags) + 1):
+            groups += [2 if m == 1 else 3 + m] * (2 * self.memory_radius + 1)
         return torch.tensor(groups)
 
     def _gram(self, x, dx, y, P: int) -> tuple:
@@ -907,7 +942,7 @@ class FluxDrift(ThetaModule):
                 r += torch.einsum("srf,sr->f", features(unit[i:i + chunk]), Q[i:i + chunk])
         return G, r, y.pow(2).sum(), y.numel()
 
-    def _fit_linear(self, frac, memory: bool, max_pairs: int, stats=None, hedge: bool = False,
+    def _fit_linear(self, frac, memory: int, max_pairs: int, stats=None, hedge: bool = False,
                     fit=None, keep=None):
         """Empirical Bayes on the pairs of ``frac`` (or their ``stats``; ``fit``: their
         :meth:`_evidence_fit` already made; ``keep``: the indices of the weights that
@@ -916,17 +951,19 @@ class FluxDrift(ThetaModule):
         class docstring): weights the mean of the two posterior means, posterior their equal
         mixture (means ``(2, P)``, Cholesky factors ``(2, P, P)``)."""
         groups = self._groups(memory)
-        if keep is not None:
-            groups = groups[keep]
         if stats is None:
             x, dx, y = self._spread_pairs(frac, memory, max_pairs)
             stats = self._gram(x, dx, y, len(groups))
+            if keep is not None:
+                stats = (stats[0][keep][:, keep], stats[1][keep], *stats[2:])
+        if keep is not None:
+            groups = groups[keep]
         values, posterior, _ = fit or self._evidence_fit(*stats, groups)
         values = dict(values)
         if hedge and self.jump_prior == "decay":
             other, other_posterior, _ = self._evidence_fit(*stats, groups,
                                                            rate_scale=DECAY_RATE_PRIOR_SCALE)
-            for name in ("jumps", "delta", "dense", "memory"):
+            for name in ("jumps", "delta", "dense", *self._memory_sites()):
                 if name in values:
                     values[name] = 0.5 * (values[name] + other[name])
             posterior = tuple(torch.stack(pair) for pair in zip(posterior, other_posterior,
@@ -934,9 +971,11 @@ class FluxDrift(ThetaModule):
         if keep is None:
             return values, posterior
         # a shorter reach: its weights in the middle of the longest one's, the others zero
-        R, r = self.memory_radius, (values["memory"].shape[0] - 1) // 2
-        values["memory"] = torch.nn.functional.pad(values["memory"], (R - r, R - r))
-        P = len(self._groups(True))
+        R = self.memory_radius
+        for name in self._memory_sites():
+            r = (values[name].shape[0] - 1) // 2
+            values[name] = torch.nn.functional.pad(values[name], (R - r, R - r))
+        P = len(self._groups(memory))
         mean = posterior[0].new_zeros(*posterior[0].shape[:-1], P)
         mean[..., keep] = posterior[0]
         factor = posterior[1].new_zeros(*posterior[1].shape[:-2], P, P)
@@ -984,6 +1023,42 @@ class FluxDrift(ThetaModule):
             return False, None, None, None
         return True, *best[1]
 
+    def _memory_lags_help(self, frac, max_pairs: int, margin: float, max_lags: int,
+                          first: tuple) -> tuple[int, tuple | None, tuple | None,
+                                                 torch.Tensor | None]:
+        """After :meth:`_memory_helps` kept ``ΔX_t`` (``first``: its return), the older
+        increments ``ΔX_{t-1}, ΔX_{t-2}, ...`` one lag at a time at the kept reach: lag ``m``
+        against lag ``m - 1`` on every target both can use (``t ≥ m``), kept only while its
+        log evidence wins by more than ``margin`` nats. Returns as :meth:`_memory_helps`, with
+        the number of lags kept in place of the decision (the statistics and fit only where
+        one lag is kept: the caller refits a longer law on every pair it can use)."""
+        R, w = self.memory_radius, 2 * self.memory_radius + 1
+        keep1 = first[3]
+        r = R if keep1 is None else (len(keep1) - (len(self._groups(1)) - w) - 1) // 2
+        kept = 1
+        for lags in range(2, max_lags + 1):
+            x, dx, y = self._spread_pairs(frac, lags, max_pairs)
+            groups = self._groups(lags)
+            full = self._gram(x, dx, y, len(groups))
+            n_fixed = len(groups) - lags * w
+
+            def evidence(n_lags, full=full, groups=groups, n_fixed=n_fixed):
+                keep = torch.cat([torch.arange(n_fixed)] + [
+                    n_fixed + (m - 1) * w + torch.arange(R - r, R + r + 1)
+                    for m in range(1, n_lags + 1)])
+                return self._evidence_fit(full[0][keep][:, keep], full[1][keep], *full[2:],
+                                          groups[keep])[2]
+
+            if evidence(lags) <= evidence(lags - 1) + margin:
+                break
+            kept = lags
+        if kept == 1:
+            return first
+        keep = None if r == R else torch.cat([torch.arange(len(self._groups(kept)) - kept * w)] + [
+            len(self._groups(kept)) - kept * w + (m - 1) * w + torch.arange(R - r, R + r + 1)
+            for m in range(1, kept + 1)])
+        return kept, None, None, keep
+
     def sample_linear(self, posterior: tuple, num_samples: int) -> dict[str, torch.Tensor]:
         """Draws of ``jumps`` ``(S, 1, 2·radius)``, ``delta`` ``(S, 1, B, 2c)``, ``dense``
         ``(S, 1, B, B)`` and (memory used) ``memory`` ``(S, 1, 2·memory_radius + 1)`` from the
@@ -1006,8 +1081,11 @@ class FluxDrift(ThetaModule):
                                                       2 * self.correction_radius)
         if self.dense_on:
             out["dense"] = self._dense_matrix(w[..., nj + nd:nj + nd + nD])
-        if m.shape[-1] > nj + nd + nD:  # the memory term is used
-            out["memory"] = w[..., nj + nd + nD:]
+        width = 2 * self.memory_radius + 1  # the memory windows used, one per lag
+        for i, name in enumerate(self._memory_sites()):
+            start = nj + nd + nD + i * width
+            if m.shape[-1] >= start + width:
+                out[name] = w[..., start:start + width]
         return out
 
     def _n_dense(self) -> int:
@@ -1079,11 +1157,12 @@ class FluxDrift(ThetaModule):
         if self.dense_on:
             values["dense_scale"] = alpha[nj + nd].rsqrt()
             values["dense"] = self._dense_matrix(m[nj + nd:nj + nd + nD])
-        nd = nd + nD  # memory weights follow the dense ones
-        if self.memory_mode:
-            on = m.shape[0] > nj + nd
-            values["memory_scale"] = alpha[-1].rsqrt() if on else torch.tensor(1e-12,
-                                                                               dtype=m.dtype)
-            values["memory"] = m[nj + nd:].clone() if on else torch.zeros(
-                2 * self.memory_radius + 1, dtype=m.dtype)
+        nd = nd + nD  # memory weights follow the dense ones, one window per lag
+        for i, name in enumerate(self._memory_sites()):
+            idx = (groups[nj + nd:] == (2 if i == 0 else 4 + i)).nonzero().squeeze(-1) + nj + nd
+            on = len(idx) > 0  # a lag not in this fit: zero weights (the lower-order law)
+            values[f"{name}_scale"] = alpha[idx[0]].rsqrt() if on else torch.tensor(
+                1e-12, dtype=m.dtype)
+            values[name] = m[idx].clone() if on else torch.zeros(2 * self.memory_radius + 1,
+                                                                 dtype=m.dtype)
         return values, posterior, -loss.item() * n_obs

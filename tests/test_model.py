@@ -267,13 +267,41 @@ def test_second_order_chain_matches_an_explicit_sum_and_the_markov_loop():
                               .log_prob(v))
 
 
+def test_third_order_chain_matches_an_explicit_sum():
+    """``MarkovChain(order=3)``: each step sees ``X_{t-1}, X_{t-2}, X_{t-3}`` (newest first),
+    with ``X_{-2} = X_{-1} = X_0``, from ``init`` or from three known ``start`` states."""
+    import pyro.distributions as dist
+
+    def step(x, b1, b2):
+        return dist.Normal(x + 0.3 * (x - b1) - 0.2 * (b1 - b2), 0.1).to_event(1)
+
+    init = dist.Normal(torch.zeros(3, B, dtype=torch.float64), 1.0).to_event(1)
+    v = torch.rand(3, 5, B, dtype=torch.float64)
+    x = [v[:, 0], v[:, 0]] + list(v.unbind(1))  # X_{-2}, X_{-1}, X_0, ..., X_4
+    expected = init.log_prob(v[:, 0]) + sum(
+        step(x[t + 1], x[t], x[t - 1]).log_prob(x[t + 2]) for t in range(1, 5))
+    chain = MarkovChain(step, 5, init=init, order=3)
+    assert torch.allclose(chain.log_prob(v), expected)
+    cont = MarkovChain(step, 2, start=v[:, :3], order=3)
+    expected = step(v[:, 2], v[:, 1], v[:, 0]).log_prob(v[:, 3]) \
+        + step(v[:, 3], v[:, 2], v[:, 1]).log_prob(v[:, 4])
+    assert torch.allclose(cont.log_prob(v[:, 3:]), expected)
+    assert cont.sample((5,)).shape == (5, 3, 2, B)
+    assert chain.expand(torch.Size([3])).log_prob(v).shape == (3,)
+    # the second-order chain on the same states differs (the check above could fail)
+    assert not torch.allclose(MarkovChain(lambda a, b: step(a, b, b), 5, init=init, order=2)
+                              .log_prob(v), chain.log_prob(v))
+
+
+@pytest.mark.parametrize("lags", [1, 2])
 @pytest.mark.parametrize("vectorized", [True, False])
-def test_memory_model_forms_have_the_same_joint_density(vectorized):
+def test_memory_model_forms_have_the_same_joint_density(vectorized, lags):
+    """The ``pyro.markov`` loop and the vectorized chain of a law with memory of ``lags``
+    increments (order ``1 + lags``) give the same joint density."""
     from cgpyro.transitions import FluxDrift
 
     def model(vec):
-        drift = FluxDrift(B + 3, radius=2, correction_radius=0, memory=True)
-        drift.memory_on = True
+        drift = FluxDrift(B + 3, radius=2, correction_radius=0, memory=True, memory_lags=lags)
         return CGModel(B + 3, GaussianTransition(drift), vectorized=vec)
 
     g = torch.Generator().manual_seed(0)
@@ -283,6 +311,9 @@ def test_memory_model_forms_have_the_same_joint_density(vectorized):
     theta = model(True).init_values(g)
     theta["transition.drift.memory"] = torch.tensor([0.1, -0.3, 0.05], dtype=torch.float64)
     theta["transition.drift.jumps"] = torch.tensor([0.01, 0.1, 0.05, 0.0], dtype=torch.float64)
+    if lags == 2:
+        theta["transition.drift.memory2"] = torch.tensor([-0.05, 0.2, 0.0], dtype=torch.float64)
+    assert model(True).transition.order == 1 + lags
 
     def log_joint(m):
         data = dict(theta)
@@ -294,8 +325,10 @@ def test_memory_model_forms_have_the_same_joint_density(vectorized):
 
     assert torch.allclose(log_joint(model(True)), log_joint(model(vectorized)), rtol=1e-12)
     # memory matters for the density (the equality above is not trivially true)
-    theta["transition.drift.memory"] = torch.zeros(3, dtype=torch.float64)
-    assert not torch.allclose(log_joint(model(True)), log_joint(model(vectorized)) + 1.0)
+    before = log_joint(model(True))
+    for name in ("memory", "memory2")[:lags]:
+        theta[f"transition.drift.{name}"] = torch.zeros(3, dtype=torch.float64)
+    assert not torch.allclose(log_joint(model(True)), before)
 
 
 def test_analytic_elbo_skips_the_unused_densities_and_computes_the_same_loss():
