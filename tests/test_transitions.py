@@ -735,9 +735,10 @@ def test_memory_of_two_lags_conserves_commutes_and_is_its_regression():
 
 def test_evidence_adds_an_older_increment_where_the_data_have_one():
     """``memory="auto"`` with ``memory_lags=2``: on data of a law with memory of two increments
-    the second lag is kept and close to the truth; on data of one increment it stays ~0 (the
-    extra lag's evidence gain over seeds 0-5 of such data: 0 in five, 2.85 nats in one, seed 1,
-    by chance), and its first lag is as close to the truth as ``memory_lags=1``'s."""
+    the second lag is kept and close to the truth; on data of one increment it stays at zero
+    (the extra lag's evidence gain over seeds 0-5 of such data: 0 in five, 2.85 nats in one,
+    seed 1, by chance: under ``OLDER_LAG_MARGIN``), and its first lag is as close to the truth
+    as ``memory_lags=1``'s."""
     counts = third_order_counts(8)
     drift = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto", memory_lags=2)
     values, posterior = drift.initial_fit(counts)
@@ -746,8 +747,7 @@ def test_evidence_adds_an_older_increment_where_the_data_have_one():
     zero = torch.zeros(3, dtype=torch.float64)
     one_lag = third_order_counts(8, memory2=zero, seed=2)
     values, posterior = drift.initial_fit(one_lag)
-    # the second lag's scale collapses: its weights are pinned near zero (a tie in evidence)
-    assert values["memory"].abs().max() > 0.1 and values["memory2"].abs().max() < 0.005
+    assert values["memory"].abs().max() > 0.1 and not values["memory2"].any()
     single = FluxDrift(B_SYN, radius=3, correction_radius=0, memory="auto")
     for first_lag in (single.initial_fit(one_lag)[0]["memory"], values["memory"]):
         assert (first_lag - TRUE_MEMORY).abs().max() < 0.03, first_lag
