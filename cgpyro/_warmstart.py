@@ -174,9 +174,8 @@ def _fit_flux_drift(model, counts, theta, max_iter, fixed):
         return torch.cat([frac[:, :1]] * m + [frac[:, :-m]], 1)
 
     before = earlier(1)
-    # the law's earlier states at each pair (time first): X_{t-1}, or (X_{t-1}, X_{t-2}, ...)
+    # the law's earlier states at each pair (time first): (X_{t-1}, X_{t-2}, ...)
     older = tuple(earlier(m)[:, :-1].transpose(0, 1) for m in range(1, max(drift.order, 2)))
-    older = older[0] if len(older) == 1 else older
     n_times = frac.shape[1]
     H = min(4, n_times - 1)
     with torch.no_grad():

@@ -40,12 +40,6 @@ class _Prototype(Messenger):
             else transform_to(fn.support)(zero.clone())
 
 
-def _history(older: tuple):
-    """The earlier states a transition sees: ``None``, ``X_{t-1}``, or ``(X_{t-1}, X_{t-2},
-    ...)`` (newest first) for a law of order 3 or more."""
-    return None if not older else older[0] if len(older) == 1 else tuple(older)
-
-
 class CGModel(PyroModule):
     r"""Generative model ``p(x̂_{0:T}, ĉ_{0:T}, X_{0:T}, θ)`` for ``n`` sequences (eq. 9-13).
 
@@ -187,8 +181,8 @@ class CGModel(PyroModule):
         ``dtype`` (default: that of ``totals``)."""
         trans_theta = self._part(theta, "transition.")
 
-        def step(x, *older):
-            return self.transition(x, trans_theta, totals, x_prev=_history(older))
+        def step(x, *older):  # older: (X_{t-1}, X_{t-2}, ...), newest first
+            return self.transition(x, trans_theta, totals, x_prev=older or None)
 
         x0 = self.initial(totals.shape, dtype or totals.dtype, totals.device)
         expected = None
@@ -302,7 +296,7 @@ class CGModel(PyroModule):
             order = getattr(self.transition, "order", 1)
 
             def step(x, *older):
-                return self.transition(x, trans_theta, n_tot, x_prev=_history(older))
+                return self.transition(x, trans_theta, n_tot, x_prev=older or None)
 
             if self.vectorized:
                 X = pyro.sample("X", self.state_chain(theta, n_tot, n_times, dtype))

@@ -160,8 +160,7 @@ def forecast(
         # X_{t}, X_{t-1}, ..., X_{t-k+1} (newest first; before X_0: X_0), the law's history
         hist = [x[:, :, max(T0 - 1 - m, 0)] for m in range(max(k, 2))]
         for t in range(T0, T0 + horizon):
-            older = hist[1] if k <= 2 else tuple(hist[1:k])
-            hist = [model.transition_mean(hist[0], theta, totals, older), *hist[:-1]]
+            hist = [model.transition_mean(hist[0], theta, totals, tuple(hist[1:])), *hist[:-1]]
             x[:, :, t] = hist[0]
         if not band_noise:
             future = x[:, :, T0:]

@@ -819,9 +819,9 @@ class FluxDrift(ThetaModule):
     def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
                 totals: torch.Tensor | None = None,
                 x_prev: torch.Tensor | None = None) -> torch.Tensor:
-        """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` or, with more than
-        one memory lag, ``(X_{t-1}, X_{t-2}, ...)`` (newest first; the memory term; ``None``: no
-        earlier state, no memory)."""
+        """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``x_prev`` is ``X_{t-1}`` or a tuple
+        ``(X_{t-1}, X_{t-2}, ...)``, newest first, at least one per memory lag (the memory term;
+        ``None``: no earlier state, no memory)."""
         memory = bool(self.memory_mode) and x_prev is not None
         increments = []  # (ΔX_{t-m+1}, its weights) for each lag m
         if memory:
