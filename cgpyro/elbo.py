@@ -9,7 +9,7 @@ Under the mean-field lognormal ``q(X)``, three terms of the ELBO have closed-for
 - the entropy of ``q(X)``;
 - the state chain ``log p(X_{0:T-1} | θ)`` when the transition is Gaussian with isotropic noise
   and a mean linear in the state (the default model's flux drift without a network):
-  ``E_q[|X_{t+1} - X_t K_1 - X_{t-1} K_2|²]`` needs only the moments of the independent
+  ``E_q[|X_{t+1} - Σ_m X_{t+1-m} K_m|²]`` needs only the moments of the independent
   coordinates (:meth:`~cgpyro.transitions.GaussianTransition.expected_log_prob`).
 
 :class:`AnalyticTraceELBO` uses these expectations and keeps the single-sample Monte Carlo
@@ -46,6 +46,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from .emissions import MultinomialEmission
+from .transitions import _lagged
 
 __all__ = ["AnalyticTraceELBO", "FusedELBO"]
 
@@ -155,21 +156,21 @@ class _ExactELBO(torch.autograd.Function):
                  + torch.dot(var.sum(0).reshape(-1), terms.gv.reshape(-1))
                  - p0 * (torch.dot(d0.reshape(-1), d0.reshape(-1)) + s2[:, 0].sum()))
         gm = torch.zeros_like(loc)  # d ELBO / d E[X]
-        if T > 1:  # the transitions: E|X_{t+1} - X_t K1 - X_{t-1} K2|² / (2 σ_r²)
+        if T > 1:  # the transitions: E|X_{t+1} - Σ_m X_{t+1-m} K_m|² / (2 σ_r²)
             prec = terms.prec
-            P = (mean.view(-1, B) @ terms.K).view(n, T, -1)  # [X_t K1 | X_t K2]
-            pred = P[:, :-1, :B]
-            if terms.K2 is not None:  # X_{t-1} K2 with X_{-1} = X_0
-                pred = pred + torch.cat([P[:, :1, B:], P[:, :-2, B:]], 1)
+            P = (mean.view(-1, B) @ terms.K).view(n, T, -1)  # [X_t K_1 | X_t K_2 | ...]
+            pred = 0.0
+            for m in range(1, terms.order + 1):  # X_{t+1-m} K_m with X_{-j} = X_0
+                pred = pred + _lagged(P[..., (m - 1) * B:m * B], m)
             r = mean[:, 1:] - pred
             value = value - 0.5 * prec * torch.dot(r.view(-1), r.view(-1))
             gr = r.mul_(prec)
-            G = (gr.view(-1, B) @ terms.KT).view(n, T - 1, -1)  # [gr K1ᵀ | gr K2ᵀ]
+            G = (gr.view(-1, B) @ terms.KT).view(n, T - 1, -1)  # [gr K_1ᵀ | gr K_2ᵀ | ...]
             gm[:, 1:] -= gr
-            gm[:, :-1] += G[..., :B]
-            if terms.K2 is not None:
-                gm[:, 0] += G[:, 0, B:]
-                gm[:, :-2] += G[:, 1:, B:]
+            for m in range(1, terms.order + 1):  # target s reads X_{max(s-m, 0)}
+                Gm = G[..., (m - 1) * B:m * B]
+                gm[:, 0] += Gm[:, :m].sum(1)
+                gm[:, 1:max(T - m, 1)] += Gm[:, m:]
         for a, W, prec_c in terms.affine_vos:  # E[(a + X Wᵀ)²] / (2 σ_c²)
             c = torch.addmm(a, mean.view(-1, B), W.T)
             value = value - 0.5 * prec_c * torch.dot(c.view(-1), c.view(-1))
@@ -311,7 +312,7 @@ class FusedELBO(ELBO):
             gv = gv - (0.5 / sigma**2) * ww
             affine_vos.append((a, W, 1.0 / sigma**2))
             constant -= n * T * a.shape[0] * (math.log(sigma) + half_log_2pi)
-        terms = SimpleNamespace(K=chain.K, KT=chain.KT, K2=chain.K2, prec=chain.prec,
+        terms = SimpleNamespace(K=chain.K, KT=chain.KT, order=len(chain.Ks), prec=chain.prec,
                                 loc_coef=data.loc_coef, gv=gv, mu0=-math.log(B),
                                 s0=model.x0_scale, affine_vos=affine_vos, constant=constant)
         return _ExactELBO.apply(loc, log_scale, terms)
@@ -335,41 +336,42 @@ class FusedELBO(ELBO):
 
     def _held_chain(self, theta, like) -> SimpleNamespace:
         """What the constant θ fixes, built once for states ``like`` ``(n, T, B)`` (the guide's
-        q(X), whose shape this ELBO is bound to): the transition's affine matrices ``K1, K2``
-        (and side by side, ``K = [K1 | K2]``, ``KT = [K1ᵀ | K2ᵀ]``), ``1 / σ_r²``, the chain's
-        Var coefficients ``gv`` ``(T, B)`` (d ELBO / d Var[X], from the row sums of ``K1∘K1``,
-        ``K2∘K2``, ``2 K1∘K2``), and per virtual observable ``(a, W, Σ_m W_m², held σ_c or
-        None)``."""
+        q(X), whose shape this ELBO is bound to): the transition's affine matrices ``Ks =
+        (K_1, ..., K_k)`` (and side by side, ``K = [K_1 | ... | K_k]``, ``KT = [K_1ᵀ | ... |
+        K_kᵀ]``), ``1 / σ_r²``, the chain's Var coefficients ``gv`` ``(T, B)`` (d ELBO /
+        d Var[X], from the row sums of ``K_m∘K_m`` and, at the first steps, of the cross terms
+        of the lags that read ``X_0``), and per virtual observable ``(a, W, Σ_m W_m², held σ_c
+        or None)``."""
         if self._chain is not None:
             return self._chain
         model = self.model
         with torch.no_grad():
-            K1, K2 = model.transition.affine_matrices(model._part(theta, "transition."),
-                                                      like.dtype, like.device)
+            Ks = model.transition.affine_matrices(model._part(theta, "transition."),
+                                                  like.dtype, like.device)
             sigma_r = float(model._part(theta, "transition.")["sigma_r"])
             prec = sigma_r**-2
-            c1 = (K1 * K1).sum(1)
-            c2 = None if K2 is None else (K2 * K2).sum(1)
-            c12 = None if K2 is None else (2 * K1 * K2).sum(1)
             vos = []
             for vo in model.virtual_observables:
                 a, W = (torch.as_tensor(v, dtype=like.dtype, device=like.device)
                         for v in vo.affine)
-                W = W.expand(a.shape[0], K1.shape[0]).contiguous()
+                W = W.expand(a.shape[0], Ks[0].shape[0]).contiguous()
                 held = theta.get(f"vo.{vo.name}.sigma")
                 vos.append((a, W, (W * W).sum(0), None if held is None else float(held)))
 
             T = like.shape[1]
-            gv = torch.zeros(T, K1.shape[0], dtype=like.dtype, device=like.device)
+            gv = torch.zeros(T, Ks[0].shape[0], dtype=like.dtype, device=like.device)
             if T > 1:
                 gv[1:] -= 0.5 * prec
-                gv[:-1] -= 0.5 * prec * c1
-                if K2 is not None:
-                    gv[0] -= 0.5 * prec * (c2 + c12)
-                    gv[:-2] -= 0.5 * prec * c2
+                for m, K in enumerate(Ks, 1):  # targets 1..m read X_0, later ones X_{s-m}
+                    c = (K * K).sum(1)
+                    gv[0] -= 0.5 * prec * min(m, T - 1) * c
+                    gv[1:max(T - m, 1)] -= 0.5 * prec * c
+                for s in range(1, min(len(Ks), T)):  # the lags m ≥ s read X_0 together
+                    tail = Ks[s - 1:]
+                    cross = sum(tail).pow(2) - sum(K * K for K in tail)
+                    gv[0] -= 0.5 * prec * cross.sum(1)
         self._chain = SimpleNamespace(
-            K1=K1, K2=K2, K=K1 if K2 is None else torch.cat([K1, K2], 1),
-            KT=K1.T.contiguous() if K2 is None else torch.cat([K1.T, K2.T], 1),
+            Ks=Ks, K=torch.cat(Ks, 1), KT=torch.cat([K.T for K in Ks], 1),
             prec=prec, log_sigma_r=math.log(sigma_r), vos=vos, gv=gv)
         return self._chain
 
@@ -418,8 +420,7 @@ class FusedELBO(ELBO):
         if model.has_chain_expected_log_prob(theta):
             matrices = None
             if theta is self._theta:  # θ constant over training: its matrices too
-                chain = self._held_chain(theta, loc)
-                matrices = (chain.K1, chain.K2)
+                matrices = self._held_chain(theta, loc).Ks
             elbo = model.state_chain_expected_log_prob(theta, loc, scale, matrices).sum()
         else:
             elbo = model.state_chain(theta, n_tot, counts.shape[1], counts.dtype) \

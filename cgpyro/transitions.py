@@ -291,8 +291,7 @@ class GaussianTransition(ThetaModule):
         """Whether :meth:`expected_log_prob` has a closed form for ``theta``: isotropic noise, a
         drift linear in the state (``drift.linear_in_state``) and θ without posterior-draw
         axes."""
-        if self.noise != "isotropic" or not getattr(self.drift, "linear_in_state", False) \
-                or self.order > 2:  # the closed forms hold K_1, K_2 only (no K_3, ... yet)
+        if self.noise != "isotropic" or not getattr(self.drift, "linear_in_state", False):
             return False
         return theta["sigma_r"].dim() == 0 \
             and self.drift._unbatched(self._drift_theta(theta), self.order >= 2)
@@ -300,9 +299,10 @@ class GaussianTransition(ThetaModule):
     def _drift_theta(self, theta):
         return {k[len("drift."):]: v for k, v in theta.items() if k.startswith("drift.")}
 
-    def affine_matrices(self, theta: dict[str, torch.Tensor], dtype=torch.float64, device=None):
-        """``(K_1, K_2)``, each ``(n_bins, n_bins)``, with ``E[X_{t+1} | X_t, X_{t-1}] = X_t K_1
-        + X_{t-1} K_2`` (row vectors; ``K_2`` is ``None`` for a first-order law) before
+    def affine_matrices(self, theta: dict[str, torch.Tensor], dtype=torch.float64,
+                        device=None) -> tuple[torch.Tensor, ...]:
+        """``(K_1, ..., K_k)`` for a law of order ``k``, each ``(n_bins, n_bins)``, with
+        ``E[X_{t+1} | X_t, ..., X_{t-k+1}] = Σ_m X_{t+1-m} K_m`` (row vectors) before
         :meth:`mean`'s clamp. Requires :meth:`has_expected_log_prob`."""
         assert self.has_expected_log_prob(theta), "no closed form for this transition and θ"
         drift_theta = self._drift_theta(theta)
@@ -317,25 +317,28 @@ class GaussianTransition(ThetaModule):
                         for (a, va), (b, vb) in zip(cached[1], key, strict=True)):
             return cached[2]
         eye = torch.eye(self.drift.n_bins, dtype=dtype, device=device)
-        if self.order == 1:
-            out = eye + self.drift(eye, drift_theta), None
-        else:
+        k = self.order
+        if k == 1:
+            out = (eye + self.drift(eye, drift_theta),)
+        else:  # the drift is linear in (X_t, X_{t-1}, ...): one unit input at a time
             zero = torch.zeros_like(eye)
-            out = eye + self.drift(eye, drift_theta, x_prev=zero), \
-                self.drift(zero, drift_theta, x_prev=eye)
+            unit = [tuple(eye if j == m else zero for j in range(k - 1)) for m in range(k - 1)]
+            out = (eye + self.drift(eye, drift_theta, x_prev=(zero,) * (k - 1)),
+                   *(self.drift(zero, drift_theta, x_prev=u) for u in unit))
         self._affine_cache = None if grad else ((dtype, device), key, out)
         return out
 
     def expected_log_prob(self, theta: dict[str, torch.Tensor], mean: torch.Tensor,
                           var: torch.Tensor, matrices=None) -> torch.Tensor:
-        r"""``E_q[Σ_{t≥1} log p(X_t | X_{t-1}[, X_{t-2}])]`` under a mean-field ``q`` with
+        r"""``E_q[Σ_{t≥1} log p(X_t | X_{t-1}, ..., X_{t-k})]`` under a mean-field ``q`` with
         moments ``mean = E[X]`` and ``var = Var[X]``, each ``(..., n_times, n_bins)``;
-        returns ``(...)`` (the ``X_{-1} = X_0`` of :class:`~cgpyro.distributions.MarkovChain`
-        at the first step of a second-order law).
+        returns ``(...)`` (``X_{-1} = ... = X_0`` of :class:`~cgpyro.distributions.MarkovChain`
+        at the first steps of a law of order ``k > 1``).
 
-        For a drift linear in the state the mean is ``X_t K_1 + X_{t-1} K_2`` (row vectors), so
-        with independent coordinates ``E[|X_{t+1} - X_t K_1 - X_{t-1} K_2|²] = |m_{t+1} - m_t K_1
-        - m_{t-1} K_2|² + Σ v_{t+1} + v_t (K_1∘K_1) + v_{t-1} (K_2∘K_2)``: the Gaussian's
+        For a drift linear in the state the mean is ``Σ_m X_{t+1-m} K_m`` (row vectors), so with
+        independent coordinates ``E[|X_{t+1} - Σ_m X_{t+1-m} K_m|²] = |m_{t+1} - Σ_m m_{t+1-m}
+        K_m|² + Σ v_{t+1} + Σ_τ v_τ (C_τ∘C_τ)``, ``C_τ`` the sum of the ``K_m`` that read
+        ``X_τ`` (one ``K_m`` each, but at the first steps several read ``X_0``): the Gaussian's
         expected log density without a draw of ``X``. Exact except for :meth:`mean`'s clamp to
         [-1, 2], which binds with probability ~0 under a ``q`` near bin fractions.
         ``matrices``: :meth:`affine_matrices` of ``theta`` where the caller holds them (θ
@@ -344,17 +347,16 @@ class GaussianTransition(ThetaModule):
         B, T = mean.shape[-1], mean.shape[-2]
         if T < 2:
             return mean.new_zeros(mean.shape[:-2])
-        K1, K2 = matrices or self.affine_matrices(theta, mean.dtype, mean.device)
-        m_prev, v_prev = mean[..., :-1, :], var[..., :-1, :]
-        pred_mean, pred_var = m_prev @ K1, v_prev @ K1.pow(2)
-        if K2 is not None:
-            m_back = torch.cat([mean[..., :1, :], mean[..., :-2, :]], -2)
-            v_back = torch.cat([var[..., :1, :], var[..., :-2, :]], -2)
-            pred_mean = pred_mean + m_back @ K2
-            pred_var = pred_var + v_back @ K2.pow(2)
-            # the first step sees X_0 twice: Var[X_0 (K1 + K2)] = v_0 (K1 + K2)∘(K1 + K2)
-            first = var[..., :1, :] @ (2 * K1 * K2)
-            pred_var = torch.cat([pred_var[..., :1, :] + first, pred_var[..., 1:, :]], -2)
+        Ks = matrices or self.affine_matrices(theta, mean.dtype, mean.device)
+        pred_mean = pred_var = 0.0
+        for m, K in enumerate(Ks, 1):  # X_{t+1-m} K_m, X_{-j} = X_0
+            src = _lagged(mean, m)
+            pred_mean = pred_mean + src @ K
+            pred_var = pred_var + _lagged(var, m) @ K.pow(2)
+        first = _first_steps_var(var[..., 0, :], Ks, T)
+        if first is not None:  # Var of X_0 (Σ K_m): the cross terms of the lags reading X_0
+            pred_var = torch.cat([pred_var[..., :first.shape[-2], :] + first,
+                                  pred_var[..., first.shape[-2]:, :]], -2)
         sq = (mean[..., 1:, :] - pred_mean).pow(2) + var[..., 1:, :] + pred_var
         sigma = theta["sigma_r"]
         n = (T - 1) * B
@@ -373,6 +375,31 @@ class GaussianTransition(ThetaModule):
             return dist.MultivariateNormal(mean, scale_tril=scale_tril)
         # batched θ (particles, Predictive samples) carries x's batch axes: add the bin axis
         return dist.Normal(mean, sigma.unsqueeze(-1)).to_event(1)
+
+
+def _lagged(x: torch.Tensor, m: int) -> torch.Tensor:
+    """``X_{t+1-m}`` for the targets ``t + 1 = 1, ..., T-1`` of ``x`` ``(..., T, B)``, with
+    ``X_{-j} = X_0``: shape ``(..., T-1, B)``."""
+    T = x.shape[-2]
+    head = min(m, T - 1)  # targets 1..m read X_0
+    return torch.cat([x[..., :1, :].expand(*x.shape[:-2], head, x.shape[-1]),
+                      x[..., 1:max(T - m, 1), :]], -2)
+
+
+def _first_steps_var(v0: torch.Tensor, Ks: tuple, T: int) -> torch.Tensor | None:
+    """What the targets ``s = 1, ..., min(k, T) - 1`` add to ``Σ_m v_{s-m} (K_m∘K_m)`` because
+    the lags ``m ≥ s`` all read ``X_0``: ``v_0 ((Σ_{m≥s} K_m)∘2 - Σ_{m≥s} K_m∘2)``, shape
+    ``(..., min(k, T) - 1, B)``; ``None`` for a first-order law. ``v0``: ``Var[X_0]``
+    ``(..., B)``."""
+    k = len(Ks)
+    if k == 1:
+        return None
+    rows = []
+    for s in range(1, min(k, T)):
+        tail = Ks[s - 1:]
+        total = sum(tail)
+        rows.append(v0 @ (total.pow(2) - sum(K.pow(2) for K in tail)))
+    return torch.stack(rows, -2)
 
 
 def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
@@ -528,8 +555,8 @@ class FluxDrift(ThetaModule):
       ``1 + L``), for short time steps, where the sub-bin state persists for many steps;
       with ``"auto"`` each older lag is kept only while its evidence beats the law without it
       on every target both can use by ``OLDER_LAG_MARGIN`` nats (after the first lag is
-      kept). Order above 2 has no closed-form ELBO yet: such a model trains on the traced
-      path (about 3x slower);
+      kept). Every order has the closed-form ELBO (:meth:`GaussianTransition.affine_matrices`
+      gives one matrix per earlier state);
     - ``F`` (optional, ``channels``): a periodic 1-D convolutional network (circular padding,
       ``kernel`` wide, ``activation``) of ``u = B·X - 1`` and, when particle totals are given,
       ``v = (B·X)·N/N_ref - 1`` (the density in units of the training data's mean total, site

@@ -158,13 +158,15 @@ def test_training_with_the_fused_elbo_repeats_the_traced_run(name, counts, monke
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-10), k
 
 
-@pytest.mark.parametrize("memory", ["true", "false"])
-def test_exact_form_with_its_gradient_by_hand_equals_autograd(memory, tmp_path, monkeypatch):
+@pytest.mark.parametrize("memory,lags", [("true", 1), ("false", 1), ("true", 3)])
+def test_exact_form_with_its_gradient_by_hand_equals_autograd(memory, lags, tmp_path,
+                                                              monkeypatch):
     """With θ held and every term in closed form FusedELBO evaluates the ELBO and writes its
     gradient out (no autograd graph): the value and the gradients equal the traced closed
-    form's (autograd through the same terms) to rounding, with memory (second order) and
-    without, for the training guide and for guides of new sequences of 1, 2 and 5 snapshots
-    (θ fixed, as ``infer_new`` builds them)."""
+    form's (autograd through the same terms) to rounding, with memory of one increment
+    (second order), of three (fourth order) and without, for the training guide and for
+    guides of new sequences of 1, 2, 3 and 5 snapshots (θ fixed, as ``infer_new`` builds
+    them)."""
     from pathlib import Path
 
     import cgpyro.elbo as elbo_module
@@ -172,20 +174,24 @@ def test_exact_form_with_its_gradient_by_hand_equals_autograd(memory, tmp_path, 
 
     text = (Path(__file__).parents[1] / "models" / "physics.toml").read_text()
     spec = tmp_path / "m.toml"
-    spec.write_text(text.replace('memory = "auto"', f"memory = {memory}"))
-    dataset, _ = simulate_dataset(n_sequences=3, n_steps=4, n_particles=5000, n_bins=N_BINS,
-                                  seed=1)
+    text = text.replace('memory = "auto"', f"memory = {memory}")
+    spec.write_text(text.replace("\nmemory_radius = 2\n",
+                                 f"\nmemory_radius = 2\nmemory_lags = {lags}\n"))
+    dataset, _ = simulate_dataset(n_sequences=3, n_steps=4 if lags == 1 else 7,
+                                  n_particles=5000, n_bins=N_BINS, seed=1)
     data = as_counts(dataset)
     inference = SVIInference(load_model(spec, n_bins=N_BINS), steps=20, progress=False)
     inference.fit(data)
     model = inference.model
-    assert model.transition.order == (2 if memory == "true" else 1)
+    assert model.transition.order == (1 + lags if memory == "true" else 1)
+    if lags > 1:  # the oldest lag has weights: every K_m of the closed form matters
+        assert inference.guide.theta_map()["transition.drift.memory3"].abs().max() > 0
     calls = []
     apply = elbo_module._ExactELBO.apply
     monkeypatch.setattr(elbo_module._ExactELBO, "apply",
                         lambda *args: calls.append(1) or apply(*args))
     guides = [(inference.guide, data)]
-    for n_times in (1, 2, 5):
+    for n_times in (1, 2, 3, 5):
         guides.append((LogNormalGuide(model, data[:, :n_times],
                                       theta_values=inference.guide.theta_map(),
                                       theta_held=inference.guide.theta.held,

@@ -591,22 +591,27 @@ def test_decay_prior_averages_the_law_over_two_estimates_of_its_rate():
     assert gaps[1] > 0.02 and gaps[32] < 0.1 * gaps[1]  # measured: 0.049 and 0.0006
 
 
-@pytest.mark.parametrize("memory", [False, True])
-def test_expected_log_prob_of_an_affine_transition_is_the_mean_of_the_chain_density(memory):
-    """The closed form of ``E_q[Σ_t log p(X_t | X_{t-1}[, X_{t-2}])]`` under a mean-field
+@pytest.mark.parametrize("lags", [0, 1, 3])
+def test_expected_log_prob_of_an_affine_transition_is_the_mean_of_the_chain_density(lags):
+    """The closed form of ``E_q[Σ_t log p(X_t | X_{t-1}, ..., X_{t-k})]`` under a mean-field
     lognormal q equals the average of :class:`MarkovChain`'s log density over draws of q
-    (40,000 draws, within 4 standard errors), with memory (``X_{-1} = X_0`` at the first
-    step) and without; and θ with a posterior-draw axis, a face-flux network or full noise
-    has no closed form."""
+    (40,000 draws, within 4 standard errors), without memory (order 1), with one increment
+    (order 2) and with three (order 4, where the first three steps read ``X_0`` through
+    several lags); and θ with a posterior-draw axis, a face-flux network or full noise has no
+    closed form."""
     from cgpyro.distributions import MarkovChain, lognormal_moments
 
     B, T = 7, 5
-    drift = FluxDrift(B, radius=2, correction_radius=1, dense=True, memory=memory)
+    memory = lags > 0
+    drift = FluxDrift(B, radius=2, correction_radius=1, dense=True, memory=memory,
+                      memory_lags=max(lags, 1))
     transition = GaussianTransition(drift)
+    k = transition.order
+    assert k == 1 + lags
     theta = {f"drift.{k}": v for k, v in random_theta(drift, seed=3).items()}
     theta["sigma_r"] = torch.tensor(0.05, dtype=torch.float64)
-    if memory:
-        theta["drift.memory"] = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64)
+    for m, name in enumerate(drift._memory_sites() if memory else []):
+        theta[f"drift.{name}"] = torch.tensor([0.3, -0.2, 0.1], dtype=torch.float64) / (m + 1)
     assert transition.has_expected_log_prob(theta)
     g = torch.Generator().manual_seed(0)
     loc = (states(2 * T, B, seed=5).log() + 0.05 * torch.randn(2 * T, B, generator=g,
@@ -615,9 +620,13 @@ def test_expected_log_prob_of_an_affine_transition_is_the_mean_of_the_chain_dens
     scale = 0.02 + 0.05 * torch.rand(2, T, B, generator=g, dtype=torch.float64)
     closed = transition.expected_log_prob(theta, *lognormal_moments(loc, scale))
     x = torch.distributions.LogNormal(loc, scale).sample((40_000,))
-    chain = MarkovChain(lambda a, b=None: transition(a, theta, x_prev=b), T - 1,
-                        start=x[..., :1, :].expand(*x.shape[:-2], 2, B) if memory
-                        else x[..., 0, :], order=2 if memory else 1)
+
+    def step(*hist):  # X_t, X_{t-1}, ... (newest first) -> p(X_{t+1} | ...)
+        return transition(hist[0], theta, x_prev=hist[1:] or None)
+
+    chain = MarkovChain(step, T - 1,
+                        start=x[..., :1, :].expand(*x.shape[:-2], k, B) if memory
+                        else x[..., 0, :], order=k)
     sampled = chain.log_prob(x[..., 1:, :])
     mc, se = sampled.mean(0), sampled.std(0) / math.sqrt(sampled.shape[0])
     assert ((closed - mc).abs() < 4 * se).all(), (closed, mc, se)
