@@ -175,8 +175,7 @@ def test_exact_form_with_its_gradient_by_hand_equals_autograd(memory, lags, tmp_
     text = (Path(__file__).parents[1] / "models" / "physics.toml").read_text()
     spec = tmp_path / "m.toml"
     text = text.replace('memory = "auto"', f"memory = {memory}")
-    spec.write_text(text.replace("\nmemory_radius = 2\n",
-                                 f"\nmemory_radius = 2\nmemory_lags = {lags}\n"))
+    spec.write_text(text.replace("\nmemory_lags = 3\n", f"\nmemory_lags = {lags}\n"))
     dataset, _ = simulate_dataset(n_sequences=3, n_steps=4 if lags == 1 else 7,
                                   n_particles=5000, n_bins=N_BINS, seed=1)
     data = as_counts(dataset)
