@@ -303,7 +303,8 @@ class GaussianTransition(ThetaModule):
                         device=None) -> tuple[torch.Tensor, ...]:
         """``(K_1, ..., K_k)`` for a law of order ``k``, each ``(n_bins, n_bins)``, with
         ``E[X_{t+1} | X_t, ..., X_{t-k+1}] = Σ_m X_{t+1-m} K_m`` (row vectors) before
-        :meth:`mean`'s clamp. Requires :meth:`has_expected_log_prob`."""
+        :meth:`mean`'s clamp; trailing ``K_m`` that are exactly zero are left out for θ that
+        needs no gradient. Requires :meth:`has_expected_log_prob`."""
         assert self.has_expected_log_prob(theta), "no closed form for this transition and θ"
         drift_theta = self._drift_theta(theta)
         # Held θ are the same tensors at every step (traced ELBOs rebuild the model each step):
@@ -325,6 +326,10 @@ class GaussianTransition(ThetaModule):
             unit = [tuple(eye if j == m else zero for j in range(k - 1)) for m in range(k - 1)]
             out = (eye + self.drift(eye, drift_theta, x_prev=(zero,) * (k - 1)),
                    *(self.drift(zero, drift_theta, x_prev=u) for u in unit))
+            # the oldest lags the evidence rejected (held at zero) read nothing: a law of
+            # lower order, the same density, cheaper (not for θ being trained: they may move)
+            while not grad and len(out) > 1 and not bool(out[-1].any()):
+                out = out[:-1]
         self._affine_cache = None if grad else ((dtype, device), key, out)
         return out
 
@@ -860,8 +865,11 @@ class FluxDrift(ThetaModule):
             hist = (x, *((x_prev,) if torch.is_tensor(x_prev) else x_prev))
             assert len(hist) > self.memory_lags, \
                 f"{self.memory_lags} memory lags need {self.memory_lags} earlier states"
+            # a lag held at exactly zero (rejected by the evidence) adds nothing: skipped
             increments = [(hist[m] - hist[m + 1], theta[name])
-                          for m, name in enumerate(self._memory_sites())]
+                          for m, name in enumerate(self._memory_sites())
+                          if m == 0 or theta[name].requires_grad or theta[name].dim() > 1
+                          or bool(theta[name].any())]
         if self._matrix_form(x, theta, memory):
             eye = torch.eye(self.n_bins, dtype=x.dtype, device=x.device)
             out = x @ self.linear(eye, theta)

@@ -695,6 +695,34 @@ def test_affine_matrices_are_reused_only_for_the_same_unchanged_theta():
     torch.testing.assert_close(a[0].detach(), transition.affine_matrices(other)[0])
 
 
+def test_lags_held_at_zero_leave_the_closed_form_unchanged_and_cheaper():
+    """Older lags the evidence rejected are held at exactly zero: ``affine_matrices`` leaves
+    their (zero) matrices out, the expected log density is the same as with them, and a lag
+    being trained keeps its matrix even at zero (its gradient flows)."""
+    from cgpyro.distributions import lognormal_moments
+
+    B, T = 7, 6
+    drift = FluxDrift(B, radius=2, correction_radius=1, memory=True, memory_radius=2,
+                      memory_lags=3)
+    transition = GaussianTransition(drift)
+    theta = {f"drift.{k}": v for k, v in random_theta(drift, seed=4).items()}
+    theta["sigma_r"] = torch.tensor(0.05, dtype=torch.float64)
+    theta["drift.memory"] = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.05], dtype=torch.float64)
+    theta["drift.memory2"] = torch.tensor([0.0, 0.1, -0.1, 0.05, 0.0], dtype=torch.float64)
+    theta["drift.memory3"] = torch.zeros(5, dtype=torch.float64)
+    Ks = transition.affine_matrices(theta)
+    assert len(Ks) == 3 and all(K.abs().max() > 0 for K in Ks)
+    g = torch.Generator().manual_seed(0)
+    loc = states(T, B, seed=2).log().unsqueeze(0)
+    scale = 0.02 + 0.05 * torch.rand(1, T, B, generator=g, dtype=torch.float64)
+    moments = lognormal_moments(loc, scale)
+    full = (*Ks, torch.zeros(B, B, dtype=torch.float64))
+    torch.testing.assert_close(transition.expected_log_prob(theta, *moments),
+                               transition.expected_log_prob(theta, *moments, matrices=full))
+    trained = dict(theta, **{"drift.memory3": theta["drift.memory3"].clone().requires_grad_()})
+    assert len(transition.affine_matrices(trained)) == 4
+
+
 # --------------------------------------------------------------------------- memory of several lags
 TRUE_MEMORY2 = torch.tensor([-0.04, 0.15, -0.06], dtype=torch.float64)
 
