@@ -868,8 +868,7 @@ class FluxDrift(ThetaModule):
             # a lag held at exactly zero (rejected by the evidence) adds nothing: skipped
             increments = [(hist[m] - hist[m + 1], theta[name])
                           for m, name in enumerate(self._memory_sites())
-                          if m == 0 or theta[name].requires_grad or theta[name].dim() > 1
-                          or bool(theta[name].any())]
+                          if m == 0 or theta[name].requires_grad or bool(theta[name].any())]
         if self._matrix_form(x, theta, memory):
             eye = torch.eye(self.n_bins, dtype=x.dtype, device=x.device)
             out = x @ self.linear(eye, theta)
