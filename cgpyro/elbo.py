@@ -46,7 +46,7 @@ from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_if_enumerated, check_model_guide_match, check_site_shape
 
 from .emissions import MultinomialEmission
-from .transitions import _lagged
+from .transitions import _first_steps_cross, _lagged
 
 __all__ = ["AnalyticTraceELBO", "FusedELBO"]
 
@@ -366,10 +366,8 @@ class FusedELBO(ELBO):
                     c = (K * K).sum(1)
                     gv[0] -= 0.5 * prec * min(m, T - 1) * c
                     gv[1:max(T - m, 1)] -= 0.5 * prec * c
-                for s in range(1, min(len(Ks), T)):  # the lags m ≥ s read X_0 together
-                    tail = Ks[s - 1:]
-                    cross = sum(tail).pow(2) - sum(K * K for K in tail)
-                    gv[0] -= 0.5 * prec * cross.sum(1)
+                for M in _first_steps_cross(Ks, T):  # lags reading X_0 together
+                    gv[0] -= 0.5 * prec * M.sum(1)
         self._chain = SimpleNamespace(
             Ks=Ks, K=torch.cat(Ks, 1), KT=torch.cat([K.T for K in Ks], 1),
             prec=prec, log_sigma_r=math.log(sigma_r), vos=vos, gv=gv)

@@ -355,13 +355,13 @@ class GaussianTransition(ThetaModule):
         Ks = matrices or self.affine_matrices(theta, mean.dtype, mean.device)
         pred_mean = pred_var = 0.0
         for m, K in enumerate(Ks, 1):  # X_{t+1-m} K_m, X_{-j} = X_0
-            src = _lagged(mean, m)
-            pred_mean = pred_mean + src @ K
+            pred_mean = pred_mean + _lagged(mean, m) @ K
             pred_var = pred_var + _lagged(var, m) @ K.pow(2)
-        first = _first_steps_var(var[..., 0, :], Ks, T)
-        if first is not None:  # Var of X_0 (Σ K_m): the cross terms of the lags reading X_0
-            pred_var = torch.cat([pred_var[..., :first.shape[-2], :] + first,
-                                  pred_var[..., first.shape[-2]:, :]], -2)
+        cross = _first_steps_cross(Ks, T)
+        if cross:  # the first steps read X_0 through several lags
+            first = torch.stack([var[..., 0, :] @ M for M in cross], -2)
+            pred_var = torch.cat([pred_var[..., :len(cross), :] + first,
+                                  pred_var[..., len(cross):, :]], -2)
         sq = (mean[..., 1:, :] - pred_mean).pow(2) + var[..., 1:, :] + pred_var
         sigma = theta["sigma_r"]
         n = (T - 1) * B
@@ -391,20 +391,13 @@ def _lagged(x: torch.Tensor, m: int) -> torch.Tensor:
                       x[..., 1:max(T - m, 1), :]], -2)
 
 
-def _first_steps_var(v0: torch.Tensor, Ks: tuple, T: int) -> torch.Tensor | None:
-    """What the targets ``s = 1, ..., min(k, T) - 1`` add to ``Σ_m v_{s-m} (K_m∘K_m)`` because
-    the lags ``m ≥ s`` all read ``X_0``: ``v_0 ((Σ_{m≥s} K_m)∘2 - Σ_{m≥s} K_m∘2)``, shape
-    ``(..., min(k, T) - 1, B)``; ``None`` for a first-order law. ``v0``: ``Var[X_0]``
-    ``(..., B)``."""
-    k = len(Ks)
-    if k == 1:
-        return None
-    rows = []
-    for s in range(1, min(k, T)):
-        tail = Ks[s - 1:]
-        total = sum(tail)
-        rows.append(v0 @ (total.pow(2) - sum(K.pow(2) for K in tail)))
-    return torch.stack(rows, -2)
+def _first_steps_cross(Ks: tuple, T: int) -> list[torch.Tensor]:
+    """At the targets ``s = 1, ..., min(k, T) - 1`` the lags ``m ≥ s`` all read ``X_0``, so
+    ``Var[X_0 Σ_{m≥s} K_m]`` exceeds ``Σ_{m≥s} v_0 (K_m∘K_m)`` by ``v_0 M_s`` with the cross
+    terms ``M_s = (Σ_{m≥s} K_m)∘2 - Σ_{m≥s} K_m∘2``: one ``(B, B)`` matrix per such target
+    (none for a first-order law)."""
+    return [sum(Ks[s - 1:]).pow(2) - sum(K.pow(2) for K in Ks[s - 1:])
+            for s in range(1, min(len(Ks), T))]
 
 
 def _robust_cholesky(H: torch.Tensor) -> torch.Tensor:
@@ -868,7 +861,7 @@ class FluxDrift(ThetaModule):
             # a lag held at exactly zero (rejected by the evidence) adds nothing: skipped
             increments = [(hist[m] - hist[m + 1], theta[name])
                           for m, name in enumerate(self._memory_sites())
-                          if m == 0 or theta[name].requires_grad or bool(theta[name].any())]
+                          if theta[name].requires_grad or bool(theta[name].any())]
         if self._matrix_form(x, theta, memory):
             eye = torch.eye(self.n_bins, dtype=x.dtype, device=x.device)
             out = x @ self.linear(eye, theta)
