@@ -1,6 +1,8 @@
 """ELBO estimators: the fused form computes AnalyticTraceELBO's estimate (same draws, value and
 gradients) without Pyro traces."""
 
+import re
+
 import pyro
 import pytest
 import torch
@@ -175,7 +177,9 @@ def test_exact_form_with_its_gradient_by_hand_equals_autograd(memory, lags, tmp_
     text = (Path(__file__).parents[1] / "models" / "physics.toml").read_text()
     spec = tmp_path / "m.toml"
     text = text.replace('memory = "auto"', f"memory = {memory}")
-    spec.write_text(text.replace("\nmemory_lags = 3\n", f"\nmemory_lags = {lags}\n"))
+    text, found = re.subn(r"\nmemory_lags = \d+\n", f"\nmemory_lags = {lags}\n", text)
+    assert found == 1, "models/physics.toml must declare memory_lags"
+    spec.write_text(text)
     dataset, _ = simulate_dataset(n_sequences=3, n_steps=4 if lags == 1 else 7,
                                   n_particles=5000, n_bins=N_BINS, seed=1)
     data = as_counts(dataset)
