@@ -53,8 +53,8 @@ def main() -> None:
                 for t in range(FIRST, frac.shape[1] - 1)]
         phi, y = torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows])
         stats = (phi.T @ phi, phi.T @ y, y.pow(2).sum(), y.numel(), groups(order))
-        _, post, evidence = drift._evidence_fit(*stats)
-        _, post2, _ = drift._evidence_fit(*stats, rate_scale=1.0)
+        _, post, evidence, _ = drift._evidence_fit(*stats)
+        _, post2, _, _ = drift._evidence_fit(*stats, rate_scale=1.0)
         return 0.5 * (post[0] + post2[0]), evidence
 
     for n in sizes:
