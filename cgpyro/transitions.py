@@ -10,6 +10,7 @@ value conditions its site and hides it (footnote 1 of the paper).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -495,6 +496,16 @@ DENSE_AUTO_MAX_BINS = 32
 # gives up Δt = 200 at n = 4 (3.3 nats; 3.08 -> 2.61 at e^3).
 OLDER_LAG_MARGIN = 5.0
 
+# initial_fit warns below this rms displacement per step of the fitted stencil (in bins): there
+# the state inside the bins carries the dynamics and bin fractions are far from Markov. Measured
+# on 16 cells of benchmarks/matrix.md (stencils fitted at n = 1/4/64, forecasts of seeds 0-3):
+# fits below 0.3 bins (Δt = 200 at 25 bins with 1-4 sequences, 0.17-0.22; 16 bins at Δt = 200,
+# 0.17-0.27 at any n) go with forecasts at 2.5-8x the floor; at 0.43-0.74 (Δt = 400 and 800,
+# 8 bins, no drift) one sequence gives 1.3-2.9x; above 0.75 at most 1.6x. With the two-sd rule
+# (below) the warning fires on exactly the first group (Δt = 200 at n = 1/4, 16 bins at Δt = 200
+# at n = 1/4/64) and on no fit of the paper's cell, Δt = 400/800, 8 bins or no drift (n = 1/4/64).
+SHORT_STEP_RMS = 0.3
+
 # memory="auto" with a single training sequence: the second-order law must win by a Bayes factor
 # of e^3 ~ 20 ("strong" on Kass & Raftery's scale) instead of any margin, since the comparison
 # rests on one trajectory of the sub-bin state (see FluxDrift's class docstring).
@@ -926,9 +937,31 @@ class FluxDrift(ThetaModule):
             memory = min(self.memory_lags, frac.shape[1] - 2) if self.memory_mode else 0
         values, posterior = self._fit_linear(frac, memory, max_pairs, stats, hedge=True, fit=fit,
                                              keep=keep)
+        self._warn_short_step(posterior)
         if self.channels:
             values["total_ref"] = counts[:, 0].sum(-1).mean().detach().to(torch.float64).cpu()
         return values, posterior
+
+    def _warn_short_step(self, posterior: tuple) -> None:
+        """Warn where the fitted stencil moves particles much less than a bin per step: its
+        mean-square displacement ``Σ_k p_k k²`` is under ``SHORT_STEP_RMS²`` by more than two
+        posterior standard deviations (a stencil that few or noisy data shrink does not warn)."""
+        means, factors = posterior
+        if means.dim() == 1:  # one Gaussian, or the decay prior's mixture of two
+            means, factors = means[None], factors[None]
+        nj = 2 * self.radius
+        a = torch.zeros(means.shape[-1], dtype=means.dtype)
+        a[:nj] = self.offsets.to(means.dtype).pow(2)
+        msd = means @ a
+        sd = (factors.transpose(-1, -2) @ a).norm(dim=-1)
+        if float((msd + 2 * sd).max()) < SHORT_STEP_RMS ** 2:
+            rms = float(msd.mean().clamp_min(0.0).sqrt())
+            warnings.warn(
+                f"the fitted transport is {rms:.2f} bins (rms displacement) per snapshot: the "
+                "state inside the bins carries the dynamics and bin fractions are far from "
+                "Markov, so forecasts can be several times the physical floor (measured: 2.5-8x "
+                "at 0.17-0.27 bins, benchmarks/matrix.md); more sequences, fewer bins or a "
+                "longer time between snapshots help", UserWarning, stacklevel=3)
 
     def _pairs(self, frac, lags: int):
         """Regression pairs ``(x, dx, y)``, rows ``(sequence, time)`` sequence-major, ``x`` and

@@ -825,3 +825,22 @@ def test_nested_laws_are_compared_at_good_optima(seed, lags):
     else:  # the shorter law's optimum was poor
         assert big[2] > small[2] + 100
         assert small2[2] > small[2] + 100 and big2[2] - small2[2] < 1.0
+
+
+def test_a_fit_at_a_short_time_step_warns_and_the_papers_does_not():
+    """16 bins at Δt = 200 micro steps (drift a sixteenth of a bin per snapshot): the fitted
+    stencil's rms displacement is under SHORT_STEP_RMS and initial_fit says so, with the
+    number; the paper's system (Δt = 1,600, 25 bins, about one bin per snapshot) fits silently."""
+    import warnings
+
+    from cgpyro.inference import as_counts
+    from cgpyro.systems import simulate_dataset
+
+    short, _ = simulate_dataset(n_sequences=4, n_steps=9, n_bins=16, micro_steps=200, seed=0)
+    drift = load_model("physics", n_bins=16).transition.drift
+    with pytest.warns(UserWarning, match=r"the fitted transport is 0\.[0-2]\d bins"):
+        drift.initial_fit(as_counts(short))
+    paper, _ = simulate_dataset(n_sequences=4, n_steps=9, n_bins=25, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model("physics", n_bins=25).transition.drift.initial_fit(as_counts(paper))
