@@ -13,7 +13,7 @@ Simulated data are cached under ``data/generated/`` (git-ignored), so reruns onl
 One command::
 
     OMP_NUM_THREADS=1 python benchmarks/bench_exclusion.py \
-        --models exclusion,physics,particles_paper
+        --models exclusion,exclusion_conv,physics,particles_paper
 
 writes ``benchmarks/exclusion.md`` (and ``.json`` beside it).
 """
@@ -119,7 +119,7 @@ def main() -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="exclusion,physics,particles_paper",
+    p.add_argument("--models", default="exclusion,exclusion_conv,physics,particles_paper",
                    help="comma-separated model spec names (missing specs are skipped)")
     p.add_argument("--guide", default="lognormal")
     p.add_argument("--svi-steps", type=int, default=None, help="override the guide's steps")

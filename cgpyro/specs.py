@@ -24,6 +24,7 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     n_bins = "auto"                  # "auto" (from the data) or an int >= 2 that must match it
     [transition]                     # eq. 4-5: X_{t+1} ~ N(X_t + NN(X_t), Σ_r)
     drift = "mlp"                    # mlp (the paper's network) | flux (local, conservative)
+                                     # | subgrid (a conservation law on sub-cells of the bins)
     hidden = [25, 25]                # mlp: widths (may be [] with linear_skip = true)
     activation = "relu"              # relu | tanh | elu | softplus | silu
     linear_skip = false              # NN(X) = A X + b + MLP(X)
@@ -55,6 +56,11 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     dense = false                    # flux: + a dense bin-to-bin rate correction under a
                                      # learned prior scale: true | false | "auto" (<= 32 bins)
                                      # (flux: activation default "tanh", weight scale 1.0)
+    subcells = 4                     # subgrid: sub-cells per bin
+    substeps = 16                    # subgrid: least explicit sub-steps per coarse step
+    degree = 2                       # subgrid: degree of the flux polynomial g(u)
+    window = 0                       # subgrid: earlier snapshots that carry the sub-cell
+                                     # profile (a chain of order 1 + window)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
     [emission]
@@ -108,7 +114,7 @@ from .emissions import MultinomialEmission, NormalizedMultinomialEmission
 from .guides import AmortizedGuide, LogNormalGuide, auto_guide
 from .inference import SVIInference
 from .model import CGModel
-from .transitions import ACTIVATIONS, Drift, FluxDrift, GaussianTransition
+from .transitions import ACTIVATIONS, Drift, FluxDrift, GaussianTransition, SubgridDrift
 from .virtual import (
     BUILTIN_CONSTRAINTS,
     VirtualObservable,
@@ -131,7 +137,7 @@ __all__ = [
 EMISSIONS = {"multinomial": MultinomialEmission,
              "normalized_multinomial": NormalizedMultinomialEmission}
 NOISES = ("isotropic", "full")
-DRIFTS = ("mlp", "flux")
+DRIFTS = ("mlp", "flux", "subgrid")
 GUIDE_KINDS = ("lognormal", "amortized", "auto")
 AUTO_FAMILIES = ("normal", "lowrank")
 ELBOS = ("analytic", "trace")
@@ -147,7 +153,7 @@ MODEL_KEYS = {
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
                    "hyper_prior_scale", "memory", "memory_radius", "memory_lags", "jump_prior",
-                   "dense", "forecast_noise"),
+                   "dense", "forecast_noise", "subcells", "substeps", "degree", "window"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -218,7 +224,8 @@ class ModelSpec:
         t = self.transition
         drift_args = {k: v for k, v in t.items() if k != "drift" and k not in TRANSITION_KEYS}
         try:
-            drift = (FluxDrift if t["drift"] == "flux" else Drift)(n_bins, **drift_args)
+            drift = {"flux": FluxDrift, "subgrid": SubgridDrift}.get(t["drift"], Drift)(
+                n_bins, **drift_args)
         except ValueError as err:  # sizes that only fail for this n_bins
             raise SpecError(f"{self.file}: [transition] for {n_bins} bins: {err}") from None
         transition = GaussianTransition(drift, **{k: t[k] for k in TRANSITION_KEYS if k in t})
@@ -288,17 +295,15 @@ def load_model_spec(path_or_name) -> ModelSpec:
 
     tr = Table(file, "[transition]", data.get("transition", {}), MODEL_KEYS["transition"])
     kind = tr.get_str("drift", "mlp", choices=DRIFTS)
-    flux = kind == "flux"
-    if flux:
-        for key in ("hidden", "linear_skip", "conserve_mass"):
-            if tr.has(key):
-                tr.fail(key, "is an mlp setting; drift = 'flux' uses radius, correction_radius, "
-                             "channels, kernel")
-    else:
-        for key in ("radius", "correction_radius", "channels", "kernel", "hyper_prior_scale",
-                    "memory", "memory_radius", "memory_lags", "jump_prior", "dense"):
-            if tr.has(key):
-                tr.fail(key, "is a flux setting; set drift = 'flux' to use it")
+    owners = {"mlp": ("hidden", "activation", "linear_skip", "conserve_mass"),
+              "flux": ("radius", "correction_radius", "channels", "kernel", "activation",
+                       "hyper_prior_scale", "memory", "memory_radius", "memory_lags",
+                       "jump_prior", "dense"),
+              "subgrid": ("subcells", "substeps", "degree", "window")}
+    for key in sorted({k for keys in owners.values() for k in keys} - set(owners[kind])):
+        if tr.has(key):
+            users = " or ".join(f"drift = '{d}'" for d, keys in owners.items() if key in keys)
+            tr.fail(key, f"is not a setting of drift = '{kind}' (it belongs to {users})")
     radius = tr.data.get("radius", "auto")
     if radius != "auto" and (not isinstance(radius, int) or isinstance(radius, bool)
                              or radius < 1):
@@ -326,6 +331,10 @@ def load_model_spec(path_or_name) -> ModelSpec:
         sigma_prior_scale=tr.get_number,
         sigma_r_multinomial=tr.get_number,
         forecast_noise=tr.get_bool,
+        subcells=lambda k: tr.get_int(k, minimum=1),
+        substeps=lambda k: tr.get_int(k, minimum=1),
+        degree=lambda k: tr.get_int(k, minimum=1),
+        window=lambda k: tr.get_int(k, minimum=0),
     )}
     if transition.get("kernel", 1) % 2 == 0:
         tr.fail("kernel", f"expected an odd integer, found {transition['kernel']}")

@@ -22,7 +22,7 @@ from torch import nn
 from ._sites import ThetaModule, const, like_kwargs
 
 __all__ = ["ACTIVATIONS", "Drift", "FlatCholesky", "FlatPositive", "FluxDrift",
-           "GaussianTransition", "ThetaModule", "auto_radius"]
+           "GaussianTransition", "SubgridDrift", "ThetaModule", "auto_radius"]
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -511,6 +511,228 @@ SHORT_STEP_RMS = 0.3
 # of e^3 ~ 20 ("strong" on Kass & Raftery's scale) instead of any margin, since the comparison
 # rests on one trajectory of the sub-bin state (see FluxDrift's class docstring).
 ONE_SEQUENCE_MEMORY_MARGIN = 3.0
+
+
+SUBGRID_COURANT = 1.0
+
+
+class _Subgrid(ThetaModule):
+    """Sites ``coef`` ``(degree,)`` and ``diffusion`` (scalar) under ``N(0, scale)``."""
+
+    def __init__(self, degree: int, scale: float):
+        super().__init__()
+        self.declare("coef", _normal((degree,), scale))
+        self.declare("diffusion", _normal((), scale))
+
+
+class SubgridDrift(ThetaModule):
+    r"""A conservation law on a finer grid inside the bins, ``(..., B) -> (..., B)``.
+
+    One coarse step: spread each bin's density evenly over ``subcells`` sub-cells, step
+    ``u_t + g(u)_x = D u_xx`` on that periodic grid with a learned flux function, sum the
+    sub-cells back into bins:
+
+    ``NN(X) = R(Φ^m(P X)) - X``, ``P`` the even spread, ``R`` the bin sums, ``Φ`` one explicit
+    finite-volume sub-step (central face flux ``(g(u_i) + g(u_{i+1})) / 2 - D (u_{i+1} - u_i)/h``)
+
+    - ``u = B·X·N/N_ref``: the density relative to uniform, in units of the training data's mean
+      particle total ``N_ref`` (site ``total_ref``, set from the data by :meth:`initial_fit` and
+      held), so that the flux can depend on the absolute density (exclusion: ``ρ(1 - ρ)``);
+    - ``g(u) = Σ_{k=1..degree} a_k u^k`` in bins per coarse step (site ``flux.coef``,
+      ``(degree,)``, under ``N(0, weight_prior_scale)``): ``a_1`` is the drift speed of a dilute
+      density, the higher terms the interaction;
+    - ``D = 0.01 exp(d)`` in bins² per coarse step (site ``flux.diffusion``: ``d``, scalar, under
+      ``N(0, weight_prior_scale)``);
+    - ``m = max(substeps, 2 h⁻¹ max|g'|, 4 D h⁻²)`` sub-steps of length ``1/m`` (``h = 1/subcells``
+      bins), so the explicit scheme stays stable for whatever θ the data give.
+
+    - ``window = L > 0`` (a chain of order ``1 + L``): the sub-cell profile is not spread evenly
+      at ``t`` but carried from ``t - L``: spread ``X_{t-L}`` evenly, then for
+      ``s = t-L+1, ..., t`` step once and shift each bin's sub-cells by one constant so that
+      the bin holds ``X_s``, and step once more to ``t + 1``. The profile inside the bins is
+      what the bin fractions do not carry (their law is not Markov); the last few snapshots
+      reconstruct it, as a nudged filter would. On the interacting system (seeds 0 and 1,
+      one step fitted by least squares) ``L = 4`` took forecasts at 15-35 Δt from 1.9-2.8x
+      the floor (``L = 0``) to 1.3-1.9x with four sequences and from 2.2-15x to 1.6-2.5x with
+      one; ``L = 8`` was no better with four and worse with one.
+
+    Where the sub-bin state carries the dynamics (steep fronts of interacting particles, much
+    narrower than a bin) a law on bin fractions alone cannot resolve it; this one evolves a
+    sub-bin profile at the cost of a few parameters, so one to four sequences determine it. For
+    any θ the mean dynamics conserves ``Σ_j X_j`` exactly and commutes with cyclic shifts of the
+    bins (up to the clamp below).
+
+    The central flux adds no numerical viscosity (a Rusanov flux gave 35-60 % more error
+    on the interacting system), so a steep law on a rough profile can oscillate; sub-cell
+    densities are clamped at ±1000× uniform so that such a θ (e.g. an optimiser's trial point)
+    gives a large finite loss, not NaN; there mass is no longer conserved.
+    """
+
+    def __init__(self, n_bins: int, subcells: int = 4, substeps: int = 16, degree: int = 2,
+                 window: int = 0, weight_prior_scale: float = 1.0):
+        super().__init__()
+        B = int(n_bins)
+        if B < 3:
+            raise ValueError(f"SubgridDrift needs n_bins >= 3, got {n_bins}")
+        for name, value, low in (("subcells", subcells, 1), ("substeps", substeps, 1),
+                                 ("degree", degree, 1), ("window", window, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not (isinstance(weight_prior_scale, int | float) and math.isfinite(weight_prior_scale)
+                and weight_prior_scale > 0):
+            raise ValueError(f"weight_prior_scale must be a positive number, got "
+                             f"{weight_prior_scale!r}")
+        self.n_bins, self.subcells, self.substeps, self.degree = B, subcells, substeps, degree
+        self.window = window
+        self.weight_prior_scale = float(weight_prior_scale)
+        self.uses_totals = True
+        self.flux = _Subgrid(degree, self.weight_prior_scale)
+        self.declare("total_ref", lambda _: FlatPositive(**like_kwargs()))
+
+    def shapes(self) -> dict[str, torch.Size]:
+        return {"flux.coef": torch.Size([self.degree]), "flux.diffusion": torch.Size([])}
+
+    def held_sites(self) -> list[str]:
+        """Sites set by :meth:`initial_fit` and held there during SVI (relative names)."""
+        return ["total_ref", "flux.coef", "flux.diffusion"]
+
+    def init_values(self, generator: torch.Generator | None = None, dtype=torch.float64):
+        """No transport (``g = 0``) and ``D = 0.01`` bins² per step: the drift starts at zero."""
+        return {"flux.coef": torch.zeros(self.degree, dtype=dtype),
+                "flux.diffusion": torch.tensor(0.0, dtype=dtype),
+                "total_ref": torch.tensor(1.0, dtype=dtype)}
+
+    @property
+    def order(self) -> int:
+        """``1 + window``: ``p(X_{t+1} | X_t, ..., X_{t-window})``."""
+        return 1 + self.window
+
+    @property
+    def linear_in_state(self) -> bool:
+        return False
+
+    def _history(self, frac: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """For every pair of ``frac`` ``(S, T, B)``: ``X_t`` ``(S, T-1, B)`` and its earlier
+        states ``(X_{t-1}, ..., X_{t-window})``, newest first, with ``X_{-j} = X_0``."""
+        steps = torch.arange(frac.shape[1] - 1)
+        prev = tuple(frac[:, (steps - k).clamp_min(0)] for k in range(1, self.window + 1))
+        return frac[:, :-1], prev
+
+    def initial_fit(self, counts: torch.Tensor, max_iter: int = 200) -> tuple[dict, tuple]:
+        """MAP of the flux parameters on pairs of empirical fractions, and its Laplace posterior.
+
+        ``total_ref`` is the data's mean particle total. ``w = (a_1, ..., a_degree, d)``
+        minimises ``Σ |X_t + NN(X_t) - X_{t+1}|² / (2σ²) + |w|² / (2 s²)`` over every one-step
+        pair (``s = weight_prior_scale``) by L-BFGS, twice: with σ² the variance of the
+        increments, then with σ² that of the first fit's residuals. The posterior is
+        ``N(w, H⁻¹)``, ``H`` the Hessian of that objective at ``w``: with three parameters it
+        is exact to compute, and it carries the epistemic uncertainty of one or a few sequences
+        into the forecast bands (:meth:`sample_linear`). Nothing is stored.
+
+        :param counts: ``(n_sequences, n_times, n_bins)``, ``n_times ≥ 2``.
+        :returns: ``(values, posterior)``: the values of :meth:`held_sites` and
+            ``(mean (degree + 1,), Cholesky factor (degree + 1, degree + 1))``.
+        """
+        counts = counts.detach().to(torch.float64).cpu()
+        totals = counts.sum(-1)
+        ref = totals[:, 0].mean()
+        frac = counts / totals.unsqueeze(-1)
+        (x, prev), y, tot = self._history(frac), frac[:, 1:], totals[:, :-1]
+        prior_var = self.weight_prior_scale ** 2
+
+        def unpack(w):
+            return {"flux.coef": w[: self.degree], "flux.diffusion": w[self.degree],
+                    "total_ref": ref}
+
+        def objective(w, sigma2):
+            resid = x + self(x, unpack(w), tot, prev) - y
+            return 0.5 * resid.pow(2).sum() / sigma2 + 0.5 * w.pow(2).sum() / prior_var
+
+        w = torch.zeros(self.degree + 1, dtype=torch.float64)
+        sigma2 = (y - x).pow(2).mean().clamp_min(1e-30)
+        for _ in range(2):
+            w = w.clone().requires_grad_(True)
+            opt = torch.optim.LBFGS([w], max_iter=max_iter, tolerance_grad=1e-12,
+                                    tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+            def closure(w=w, sigma2=sigma2, opt=opt):
+                opt.zero_grad()
+                loss = objective(w, sigma2)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            w = w.detach()
+            with torch.no_grad():
+                sigma2 = (x + self(x, unpack(w), tot, prev) - y).pow(2).mean().clamp_min(1e-30)
+        hess = torch.autograd.functional.hessian(lambda v: objective(v, sigma2), w)
+        hess = 0.5 * (hess + hess.T)
+        eye = torch.eye(w.numel(), dtype=torch.float64)
+        jitter = 1e-12 * hess.diagonal().abs().max().clamp_min(1.0)
+        while True:  # a flat direction (no data on it) keeps the prior's curvature at least
+            chol, info = torch.linalg.cholesky_ex(hess + jitter * eye)
+            if int(info) == 0:
+                break
+            jitter *= 10.0
+        cov_factor = torch.linalg.cholesky(torch.cholesky_inverse(chol))
+        values = {"total_ref": ref, "flux.coef": w[: self.degree].clone(),
+                  "flux.diffusion": w[self.degree].clone()}
+        return values, (w, cov_factor)
+
+    def sample_linear(self, posterior: tuple, num_samples: int) -> dict[str, torch.Tensor]:
+        """Draws of ``flux.coef`` ``(S, 1, degree)`` and ``flux.diffusion`` ``(S, 1)`` from the
+        Laplace ``posterior`` of :meth:`initial_fit` (``S`` = ``num_samples``; the singleton
+        axis broadcasts over sequences)."""
+        mean, factor = posterior
+        eps = torch.randn(num_samples, mean.numel(), dtype=mean.dtype)
+        w = (mean + eps @ factor.T).unsqueeze(1)
+        return {"flux.coef": w[..., : self.degree], "flux.diffusion": w[..., self.degree]}
+
+    def forward(self, x: torch.Tensor, theta: dict[str, torch.Tensor],
+                totals: torch.Tensor | None = None,
+                x_prev: torch.Tensor | None = None) -> torch.Tensor:
+        """``NN(X_t)`` of shape ``x`` ``(..., B)``; ``totals`` ``(...)`` particle totals (or
+        ``None``: density relative to uniform); ``x_prev`` is ``X_{t-1}`` or a tuple
+        ``(X_{t-1}, X_{t-2}, ...)``, newest first, of which the first ``window`` are used
+        (``None``: the profile starts even in every bin at ``t``)."""
+        r = self.subcells
+        rel = 1.0 if totals is None else (totals / theta["total_ref"]).unsqueeze(-1)
+        earlier = () if x_prev is None or not self.window else \
+            ((x_prev,) if torch.is_tensor(x_prev) else tuple(x_prev))[: self.window]
+        hist = [h * self.n_bins * rel for h in (*earlier[::-1], x)]  # oldest first
+        u = hist[0].repeat_interleave(r, -1)
+        coef = theta["flux.coef"]
+        a = [coef[..., k].unsqueeze(-1) for k in range(self.degree)]
+        diff = 0.01 * torch.exp(theta["flux.diffusion"].clamp(-30.0, 30.0)).unsqueeze(-1)
+        with torch.no_grad():  # sub-steps for stability: Courant ≤ 1/2, diffusion number ≤ 1/4
+            top = max(float(h.abs().max()) for h in hist) if u.numel() else 1.0
+            top = max(top, 1.0)
+            speed = sum(abs(k + 1) * a[k].abs().max() * top ** k for k in range(self.degree))
+            need = max(r * float(speed) / SUBGRID_COURANT, 4 * r * r * float(diff.max()))
+            # a wild θ (an optimiser's trial point) gets a capped count and a clamped state
+            m = min(max(self.substeps, math.ceil(need)), 8 * self.substeps) \
+                if math.isfinite(need) else self.substeps
+
+        def g(v):
+            out = a[-1]
+            for k in range(self.degree - 2, -1, -1):
+                out = out * v + a[k]
+            return out * v
+
+        def step(u):
+            for _ in range(m):
+                gu = g(u)
+                face = 0.5 * (gu + gu.roll(-1, -1)) - (diff * r) * (u.roll(-1, -1) - u)
+                u = (u - (r / m) * (face - face.roll(1, -1))).clamp(-1e3, 1e3)
+            return u
+
+        def bin_means(u):
+            return u.reshape(*u.shape[:-1], self.n_bins, r).mean(-1)
+
+        for target in hist[1:]:  # carry the profile, each bin's mass reset to the observed
+            u = step(u)
+            u = u + (target - bin_means(u)).repeat_interleave(r, -1)
+        return bin_means(step(u)) / (self.n_bins * rel) - x
 
 
 def auto_radius(n_bins: int) -> int:

@@ -40,7 +40,8 @@ MODELS = {
     "physics": lambda: load_model("physics", n_bins=N_BINS),         # θ all held (EB)
     "particles_paper": lambda: load_model("particles_paper", n_bins=N_BINS),  # learned θ
     "particles_best": lambda: load_model("particles_best", n_bins=N_BINS),  # learned + held
-    "exclusion": lambda: load_model("exclusion", n_bins=N_BINS),    # memory: order 2
+    "exclusion": lambda: load_model("exclusion", n_bins=N_BINS),    # sub-cell conservation law
+    "exclusion_conv": lambda: load_model("exclusion_conv", n_bins=N_BINS),  # conv face flux
     "custom": _custom,
 }
 
