@@ -56,7 +56,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     dense = false                    # flux: + a dense bin-to-bin rate correction under a
                                      # learned prior scale: true | false | "auto" (<= 32 bins)
                                      # (flux: activation default "tanh", weight scale 1.0)
-    subcells = 4                     # subgrid: sub-cells per bin
+    subcells = 4                     # subgrid: sub-cells per bin ("auto": about 100 over the
+                                     # domain, ceil(100 / n_bins))
     substeps = 16                    # subgrid: least explicit sub-steps per coarse step
     degree = 2                       # subgrid: degree of the flux polynomial g(u)
     window = 0                       # subgrid: earlier snapshots that carry the sub-cell
@@ -331,7 +332,7 @@ def load_model_spec(path_or_name) -> ModelSpec:
         sigma_prior_scale=tr.get_number,
         sigma_r_multinomial=tr.get_number,
         forecast_noise=tr.get_bool,
-        subcells=lambda k: tr.get_int(k, minimum=1),
+        subcells=lambda k: "auto" if tr.data.get(k) == "auto" else tr.get_int(k, minimum=1),
         substeps=lambda k: tr.get_int(k, minimum=1),
         degree=lambda k: tr.get_int(k, minimum=1),
         window=lambda k: tr.get_int(k, minimum=0),

@@ -514,6 +514,10 @@ ONE_SEQUENCE_MEMORY_MARGIN = 3.0
 
 
 SUBGRID_COURANT = 1.0
+# subcells = "auto": the sub-cell grid has at least this many cells over the domain. On the
+# interacting system (fronts a few lattice sites wide, 1,280 sites) 100 = 25 bins x 4 sub-cells;
+# 16 bins x 4 (64 cells) forecast 2-3x worse than 16 x 6 or 8 (benchmarks/exclusion.md).
+SUBGRID_CELLS = 100
 
 
 class _Subgrid(ThetaModule):
@@ -543,8 +547,10 @@ class SubgridDrift(ThetaModule):
       density, the higher terms the interaction;
     - ``D = 0.01 exp(d)`` in bins² per coarse step (site ``flux.diffusion``: ``d``, scalar, under
       ``N(0, weight_prior_scale)``);
-    - ``m = max(substeps, 2 h⁻¹ max|g'|, 4 D h⁻²)`` sub-steps of length ``1/m`` (``h = 1/subcells``
-      bins), so the explicit scheme stays stable for whatever θ the data give.
+    - ``m = max(substeps, h⁻¹ max|g'| / SUBGRID_COURANT, 4 D h⁻²)`` sub-steps of length ``1/m``
+      (``h = 1/subcells`` bins), so the explicit scheme stays stable for whatever θ the data
+      give; ``subcells = "auto"``: ``ceil(SUBGRID_CELLS / B)``, about 100 sub-cells over the
+      domain at any number of bins ``B``.
 
     - ``window = L > 0`` (a chain of order ``1 + L``): the sub-cell profile is not spread evenly
       at ``t`` but carried from ``t - L``: spread ``X_{t-L}`` evenly, then for
@@ -568,16 +574,20 @@ class SubgridDrift(ThetaModule):
     gives a large finite loss, not NaN; there mass is no longer conserved.
     """
 
-    def __init__(self, n_bins: int, subcells: int = 4, substeps: int = 16, degree: int = 2,
+    def __init__(self, n_bins: int, subcells: int | str = 4, substeps: int = 16, degree: int = 2,
                  window: int = 0, weight_prior_scale: float = 1.0):
         super().__init__()
         B = int(n_bins)
         if B < 3:
             raise ValueError(f"SubgridDrift needs n_bins >= 3, got {n_bins}")
+        if subcells == "auto":  # the grid's resolution is the physics', whatever the bins
+            subcells = max(1, math.ceil(SUBGRID_CELLS / B))
         for name, value, low in (("subcells", subcells, 1), ("substeps", substeps, 1),
                                  ("degree", degree, 1), ("window", window, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= {low}" +
+                                 (" or 'auto'" if name == "subcells" else "") +
+                                 f", got {value!r}")
         if not (isinstance(weight_prior_scale, int | float) and math.isfinite(weight_prior_scale)
                 and weight_prior_scale > 0):
             raise ValueError(f"weight_prior_scale must be a positive number, got "

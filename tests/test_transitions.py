@@ -969,6 +969,11 @@ def test_subgrid_spec_rejects_the_other_drifts_keys(tmp_path):
     bad.write_text('[transition]\ndrift = "subgrid"\nsubcells = 0\n')
     with pytest.raises(SpecError, match="subcells"):
         load_model(bad, n_bins=16)
+    bad.write_text('[transition]\ndrift = "subgrid"\nsubcells = "auto"\n[emission]\n'
+                   'kind = "normalized_multinomial"\n')
+    # "auto": about 100 sub-cells over the domain at any number of bins
+    assert [load_model(bad, n_bins=b).transition.drift.subcells for b in (16, 25, 64, 128)] \
+        == [7, 4, 2, 1]
 
 
 def test_subgrid_window_carries_the_sub_cell_profile():
