@@ -131,6 +131,8 @@ def main() -> None:
     p.add_argument("--replicas", type=int, default=8)
     p.add_argument("--train-family", default="fourier")
     p.add_argument("--test-family", default="bumps")
+    p.add_argument("--micro-steps", type=int, default=200,
+                   help="micro steps per snapshot (the time step; default 200)")
     p.add_argument("--samples", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -144,7 +146,7 @@ def main() -> None:
                    help="with --curve: skip the models' rows of the table")
     a = p.parse_args()
 
-    system = ExclusionSystem()
+    system = ExclusionSystem(micro_steps=a.micro_steps)
     data = simulate_all(a, system)
     T = a.n_observed - 1
     train, test = data["train"], data["test"]
