@@ -169,9 +169,10 @@ def _fit_flux_drift(model, counts, theta, max_iter, fixed):
     def step(x, th, x_prev):  # (time, sequence, bin): totals broadcast over sequences
         return (x + drift(x, th, totals, x_prev=x_prev)).clamp(-1.0, 2.0)
 
-    # X_{t-m} for a drift with memory, with X_{-1} = ... = X_0 as in the model
+    # X_{t-m} for a drift with memory, with X_{-1} = ... = X_0 as in the model (any m, also
+    # beyond the snapshots)
     def earlier(m):
-        return torch.cat([frac[:, :1]] * m + [frac[:, :-m]], 1)
+        return frac[:, (torch.arange(frac.shape[1]) - m).clamp_min(0)]
 
     before = earlier(1)
     # the law's earlier states at each pair (time first): (X_{t-1}, X_{t-2}, ...)

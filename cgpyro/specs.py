@@ -25,6 +25,8 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     [transition]                     # eq. 4-5: X_{t+1} ~ N(X_t + NN(X_t), Σ_r)
     drift = "mlp"                    # mlp (the paper's network) | flux (local, conservative)
                                      # | subgrid (a conservation law on sub-cells of the bins)
+                                     # | filter (linear transport of a sub-bin profile that a
+                                     # Kalman filter infers from the earlier snapshots)
     hidden = [25, 25]                # mlp: widths (may be [] with linear_skip = true)
     activation = "relu"              # relu | tanh | elu | softplus | silu
     linear_skip = false              # NN(X) = A X + b + MLP(X)
@@ -56,12 +58,16 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
     dense = false                    # flux: + a dense bin-to-bin rate correction under a
                                      # learned prior scale: true | false | "auto" (<= 32 bins)
                                      # (flux: activation default "tanh", weight scale 1.0)
-    subcells = 4                     # subgrid: sub-cells per bin ("auto": about 100 over the
-                                     # domain, ceil(100 / n_bins))
+    subcells = 4                     # subgrid, filter: sub-cells per bin ("auto", filter's
+                                     # default: about 100 over the domain, ceil(100 / n_bins))
     substeps = 16                    # subgrid: least explicit sub-steps per coarse step
     degree = 2                       # subgrid: degree of the flux polynomial g(u)
-    window = 0                       # subgrid: earlier snapshots that carry the sub-cell
-                                     # profile (a chain of order 1 + window)
+    window = 0                       # subgrid, filter: earlier snapshots that carry the
+                                     # sub-cell profile (a chain of order 1 + window; filter:
+                                     # "auto" = 48, its default)
+    width_prior_scale = 0.0          # filter: N(0, s) prior on per-bin log widths (0: equal
+                                     # bins, no width parameters; "auto": 0.02 where the
+                                     # evidence prefers learned widths, else 0)
     [prior]
     x0_scale = 1.0                   # X_0 ~ LogNormal(log(1/n_bins), x0_scale)
     [emission]
@@ -115,7 +121,14 @@ from .emissions import MultinomialEmission, NormalizedMultinomialEmission
 from .guides import AmortizedGuide, LogNormalGuide, auto_guide
 from .inference import SVIInference
 from .model import CGModel
-from .transitions import ACTIVATIONS, Drift, FluxDrift, GaussianTransition, SubgridDrift
+from .transitions import (
+    ACTIVATIONS,
+    Drift,
+    FilterDrift,
+    FluxDrift,
+    GaussianTransition,
+    SubgridDrift,
+)
 from .virtual import (
     BUILTIN_CONSTRAINTS,
     VirtualObservable,
@@ -138,7 +151,7 @@ __all__ = [
 EMISSIONS = {"multinomial": MultinomialEmission,
              "normalized_multinomial": NormalizedMultinomialEmission}
 NOISES = ("isotropic", "full")
-DRIFTS = ("mlp", "flux", "subgrid")
+DRIFTS = ("mlp", "flux", "subgrid", "filter")
 GUIDE_KINDS = ("lognormal", "amortized", "auto")
 AUTO_FAMILIES = ("normal", "lowrank")
 ELBOS = ("analytic", "trace")
@@ -154,7 +167,8 @@ MODEL_KEYS = {
                    "noise_ridge", "weight_prior_scale", "sigma_prior_scale",
                    "sigma_r_multinomial", "radius", "correction_radius", "channels", "kernel",
                    "hyper_prior_scale", "memory", "memory_radius", "memory_lags", "jump_prior",
-                   "dense", "forecast_noise", "subcells", "substeps", "degree", "window"),
+                   "dense", "forecast_noise", "subcells", "substeps", "degree", "window",
+                   "width_prior_scale"),
     "prior": ("x0_scale",),
     "emission": ("kind",),
     "virtual_observables": ("name", "constraint", "sigma2", "sigma2_start", "anneal_fraction",
@@ -225,7 +239,8 @@ class ModelSpec:
         t = self.transition
         drift_args = {k: v for k, v in t.items() if k != "drift" and k not in TRANSITION_KEYS}
         try:
-            drift = {"flux": FluxDrift, "subgrid": SubgridDrift}.get(t["drift"], Drift)(
+            drift = {"flux": FluxDrift, "subgrid": SubgridDrift,
+                     "filter": FilterDrift}.get(t["drift"], Drift)(
                 n_bins, **drift_args)
         except ValueError as err:  # sizes that only fail for this n_bins
             raise SpecError(f"{self.file}: [transition] for {n_bins} bins: {err}") from None
@@ -300,7 +315,8 @@ def load_model_spec(path_or_name) -> ModelSpec:
               "flux": ("radius", "correction_radius", "channels", "kernel", "activation",
                        "hyper_prior_scale", "memory", "memory_radius", "memory_lags",
                        "jump_prior", "dense"),
-              "subgrid": ("subcells", "substeps", "degree", "window")}
+              "subgrid": ("subcells", "substeps", "degree", "window"),
+              "filter": ("subcells", "window", "width_prior_scale")}
     for key in sorted({k for keys in owners.values() for k in keys} - set(owners[kind])):
         if tr.has(key):
             users = " or ".join(f"drift = '{d}'" for d, keys in owners.items() if key in keys)
@@ -335,7 +351,10 @@ def load_model_spec(path_or_name) -> ModelSpec:
         subcells=lambda k: "auto" if tr.data.get(k) == "auto" else tr.get_int(k, minimum=1),
         substeps=lambda k: tr.get_int(k, minimum=1),
         degree=lambda k: tr.get_int(k, minimum=1),
-        window=lambda k: tr.get_int(k, minimum=0),
+        window=lambda k: "auto" if tr.data.get(k) == "auto" and kind == "filter"
+        else tr.get_int(k, minimum=0),
+        width_prior_scale=lambda k: "auto" if tr.data.get(k) == "auto"
+        else tr.get_number(k, strict=False),
     )}
     if transition.get("kernel", 1) % 2 == 0:
         tr.fail("kernel", f"expected an odd integer, found {transition['kernel']}")

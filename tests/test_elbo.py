@@ -42,6 +42,7 @@ MODELS = {
     "particles_best": lambda: load_model("particles_best", n_bins=N_BINS),  # learned + held
     "exclusion": lambda: load_model("exclusion", n_bins=N_BINS),    # sub-cell conservation law
     "exclusion_conv": lambda: load_model("exclusion_conv", n_bins=N_BINS),  # conv face flux
+    "subbin": lambda: load_model("subbin", n_bins=N_BINS),  # Kalman-filtered sub-bin state
     "custom": _custom,
 }
 

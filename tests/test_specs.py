@@ -18,7 +18,7 @@ from cgpyro.predict import forecast
 from cgpyro.systems import simulate_dataset
 from cgpyro.virtual import mass_conservation
 
-MODELS = ["particles_paper", "particles_best", "particles_no_vo"]
+MODELS = ["particles_paper", "particles_best", "particles_no_vo", "subbin"]
 GUIDES = ["lognormal", "amortized", "auto_normal"]
 
 

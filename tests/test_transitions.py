@@ -938,7 +938,8 @@ def test_subgrid_empirical_bayes_recovers_a_known_flux_and_its_uncertainty(tmp_p
 
 
 @pytest.mark.parametrize("n_bins", [8, 64])
-def test_subgrid_spec_trains_and_forecasts_conserving_mass(n_bins):
+@pytest.mark.parametrize("spec, held", [("exclusion", "total_ref"), ("subbin", "filter.shift")])
+def test_window_specs_train_and_forecast_conserving_mass(spec, held, n_bins):
     from cgpyro.guides import guide_for_new_sequences
     from cgpyro.predict import forecast
 
@@ -946,10 +947,10 @@ def test_subgrid_spec_trains_and_forecasts_conserving_mass(n_bins):
     p = g.dirichlet(np.full(n_bins, 20.0), size=3)
     counts = torch.tensor(np.stack([g.multinomial(10_000, p) for _ in range(4)], 1),
                           dtype=torch.float64)
-    model = load_model("exclusion", n_bins=n_bins)
+    model = load_model(spec, n_bins=n_bins)
     inference = SVIInference(model, steps=5, progress=False).fit(counts)
     assert np.isfinite(inference.loss_history).all()
-    assert "transition.drift.total_ref" in inference.guide.theta.held
+    assert f"transition.drift.{held}" in inference.guide.theta.held
     f = forecast(model, guide_for_new_sequences(inference, counts), counts, 3, num_samples=8)
     assert f.mean.shape == (3, 7, n_bins)
     mass = np.asarray(f.mean).sum(-1)  # after 5 steps q(X) is not yet on the mass constraint,
@@ -964,7 +965,8 @@ def test_subgrid_spec_rejects_the_other_drifts_keys(tmp_path):
         load_model(bad, n_bins=16)
     bad.write_text('[transition]\ndrift = "flux"\nsubcells = 2\n')
     with pytest.raises(SpecError, match="subcells: is not a setting of drift = .flux. "
-                                        "\\(it belongs to drift = .subgrid.\\)"):
+                                        "\\(it belongs to drift = .subgrid. or drift = "
+                                        ".filter.\\)"):
         load_model(bad, n_bins=16)
     bad.write_text('[transition]\ndrift = "subgrid"\nsubcells = 0\n')
     with pytest.raises(SpecError, match="subcells"):
@@ -1008,3 +1010,146 @@ def test_subgrid_window_carries_the_sub_cell_profile():
     assert out.sum(-1).abs().max() < 1e-14
     shifted = coarse(hist[-1].roll(3, -1), theta, totals, tuple(p.roll(3, -1) for p in prev))
     assert torch.allclose(shifted, out.roll(3, -1), atol=1e-15, rtol=0)
+
+
+def filter_theta(shift, sd, spread=0.0, length=0.0, bins=None):
+    """FilterDrift θ for a displacement N(shift, sd²) in bins."""
+    theta = {"filter.shift": torch.tensor(float(shift), dtype=torch.float64),
+             "filter.width": torch.tensor(math.log(sd / 0.3), dtype=torch.float64),
+             "filter.spread": torch.tensor(float(spread), dtype=torch.float64),
+             "filter.length": torch.tensor(float(length), dtype=torch.float64)}
+    if bins is not None:
+        theta["filter.bins"] = torch.as_tensor(bins, dtype=torch.float64)
+    return theta
+
+
+@pytest.mark.parametrize("widths", [False, True])
+def test_filter_drift_conserves_mass_and_both_paths_agree(widths):
+    """For any θ and history the law conserves Σ X_t; with equal bins it commutes with cyclic
+    shifts; θ with posterior-draw axes (the filter run on the states) gives the same law as
+    the cached maps; repeats of the oldest state (the history before X_0) are dropped."""
+    from cgpyro.transitions import FilterDrift
+
+    B = 10
+    drift = FilterDrift(B, subcells=3, window=6, width_prior_scale=0.05 if widths else 0.0)
+    g = torch.Generator().manual_seed(1)
+    bins = 0.05 * torch.randn(B, generator=g, dtype=torch.float64) if widths else None
+    theta = filter_theta(0.4, 0.3, 1.0, 0.5, bins)
+    hist = [states(3, B, seed) for seed in range(5)]  # oldest first
+    prev = tuple(hist[-2::-1])
+    out = drift(hist[-1], theta, None, prev)
+    assert out.abs().max() > 1e-3 and out.sum(-1).abs().max() < 1e-14
+    if not widths:
+        shifted = drift(hist[-1].roll(2, -1), theta, None, tuple(p.roll(2, -1) for p in prev))
+        assert torch.allclose(shifted, out.roll(2, -1), atol=1e-14, rtol=0)
+    draws = {k: v.expand(4, 1, *v.shape) for k, v in theta.items()}
+    batched = drift(hist[-1].expand(4, 3, B), draws, None,
+                    tuple(p.expand(4, 3, B) for p in prev))
+    assert torch.allclose(batched, out.expand(4, 3, B), atol=1e-14, rtol=0)
+    padded = drift(hist[-1], theta, None, prev + (hist[0],) * 3)  # X_0 repeated before start
+    assert torch.allclose(padded, out, atol=1e-15, rtol=0)
+    assert (drift(hist[-1], theta, None, prev[:2]) - out).abs().max() > 1e-6  # history matters
+
+
+def test_filter_drift_is_the_fine_grids_exact_propagation_on_its_own_history():
+    """A profile spread evenly over each bin at t = 0 and moved by the kernel: the filter's
+    prior mean is that profile and every snapshot agrees with its prediction, so the law
+    predicts the next snapshot exactly at every window; a first-order law (window 0) spreads
+    the mass again at every step and does not."""
+    from cgpyro.transitions import FilterDrift
+
+    B, r = 8, 4
+    drift = FilterDrift(B, subcells=r, window=5)
+    theta = filter_theta(0.35, 0.25)
+    f = drift._filter(theta, 0)
+    K, H = f["K"], f["H"]
+    u = states(2, B, 7).repeat_interleave(r, -1) / r
+    snaps = [u @ H.T]
+    for _ in range(6):
+        u = u @ K.T
+        snaps.append(u @ H.T)
+    for t in range(1, 6):
+        pred = snaps[t] + drift(snaps[t], theta, None, tuple(snaps[t - 1::-1]))
+        assert torch.allclose(pred, snaps[t + 1], atol=1e-13, rtol=0)
+    markov = FilterDrift(B, subcells=r, window=0)
+    x = snaps[0]
+    for _ in range(5):
+        x = x + markov(x, theta)
+    assert (x - snaps[5]).abs().max() > 1e-4
+    # the kernel moves a bump's centre of mass by the shift and widens it by the variance
+    cells = torch.arange(B * r, dtype=torch.float64)
+    bump = torch.exp(-0.5 * ((cells - 12) / 2.0) ** 2)
+    bump = bump / bump.sum()
+    moved = bump @ K.T
+    mean = lambda p: float((p * cells).sum())  # noqa: E731
+    var = lambda p: float((p * cells**2).sum()) - mean(p) ** 2  # noqa: E731
+    # (up to the bump's tails that wrap around the periodic grid, ~1e-9)
+    assert abs(mean(moved) - mean(bump) - 0.35 * r) < 1e-7
+    assert abs(var(moved) - var(bump) - (0.25 * r) ** 2) < 1e-6
+
+
+def _walkers(B, r, theta, n_seq, T, N, seed, widths=None):
+    """Counts of a smooth density moved by FilterDrift's kernel on ``B·r`` cells, sampled with
+    ``N`` particles per snapshot; ``widths``: bins of unequal width on that grid (cells per
+    bin, summing to ``B·r``)."""
+    from cgpyro.transitions import FilterDrift
+
+    K = FilterDrift(B, subcells=r)._filter(theta, 0)["K"]
+    g = np.random.default_rng(seed)
+    n = B * r
+    grid = np.arange(n) / n * 2 * np.pi
+    u = np.stack([1.5 + np.sin(grid * k + g.uniform(0, 6)) + 0.5 * np.sin(3 * grid + g.uniform(
+        0, 6)) for k in g.integers(1, 4, size=n_seq)])
+    u = torch.as_tensor(u / u.sum(-1, keepdims=True))
+    edges = np.cumsum([0, *(widths if widths is not None else [r] * B)])
+    frames = []
+    for _ in range(T):
+        bins = np.add.reduceat(u.numpy(), edges[:-1], axis=-1)
+        frames.append([g.multinomial(N, p / p.sum()) for p in bins])
+        u = u @ K.T
+    return torch.as_tensor(np.stack(frames, 1), dtype=torch.float64)
+
+
+def test_filter_empirical_bayes_recovers_the_transport_and_chooses_widths():
+    """Data of the law's own physics (a smooth density on 64 cells moved by N(0.3, 0.2²) bins
+    per step, 10^6 particles): one sequence gives the shift within 0.01 bins and the width
+    within 10 %, four a narrower posterior; "auto" widths stay equal on equal bins and are
+    learned where the bins hold 3 or 5 cells (evidence)."""
+    from cgpyro.transitions import FilterDrift
+
+    B, r = 16, 4
+    truth = filter_theta(0.3, 0.2)
+    counts = _walkers(B, r, truth, 4, 10, 10**6, 0)
+    sds = {}
+    for n in (1, 4):
+        drift = FilterDrift(B, subcells=r, width_prior_scale="auto")
+        values, (mean, factor) = drift.initial_fit(counts[:n])
+        assert abs(float(values["filter.shift"]) - 0.3) < 0.01
+        assert abs(0.3 * math.exp(float(values["filter.width"])) / 0.2 - 1) < 0.1
+        assert drift.widths_evidence[1] >= drift.widths_evidence[0]  # equal bins win ...
+        assert torch.equal(values["filter.bins"], torch.zeros(B, dtype=torch.float64))
+        sds[n] = (factor @ factor.T).diagonal().sqrt()[:2]
+    assert (sds[4] < sds[1]).all()
+    widths = [3, 5] * (B // 2)  # ... and unequal ones lose to learned widths
+    counts = _walkers(B, r, truth, 4, 10, 10**6, 1, widths)
+    drift = FilterDrift(B, subcells=r, width_prior_scale="auto")
+    values, _ = drift.initial_fit(counts)
+    assert drift.widths_evidence[0] > drift.widths_evidence[1] + 10
+    learned = B * torch.softmax(values["filter.bins"], -1)
+    assert (learned[1::2] - learned[::2]).min() > 0.1  # the wide bins are found wider
+
+
+def test_filter_spec_keys(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[transition]\ndrift = "filter"\nradius = 2\n')
+    with pytest.raises(SpecError, match="radius: is not a setting of drift = .filter."):
+        load_model(bad, n_bins=16)
+    bad.write_text('[transition]\ndrift = "flux"\nwidth_prior_scale = 0.1\n')
+    with pytest.raises(SpecError, match="width_prior_scale: is not a setting of drift = "
+                                        ".flux. \\(it belongs to drift = .filter.\\)"):
+        load_model(bad, n_bins=16)
+    bad.write_text('[transition]\ndrift = "filter"\nwidth_prior_scale = -1\n')
+    with pytest.raises(SpecError, match="width_prior_scale"):
+        load_model(bad, n_bins=16)
+    drift = load_model("subbin", n_bins=25).transition.drift
+    assert (drift.subcells, drift.window, drift.auto_widths) == (4, 48, True)
