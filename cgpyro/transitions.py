@@ -284,7 +284,7 @@ class GaussianTransition(ThetaModule):
         finite over long horizons.
         """
         drift_theta = self._drift_theta(theta)
-        if getattr(self.drift, "uses_totals", False):
+        if getattr(self.drift, "uses_totals", False) or self.order > 1:
             return (x + self.drift(x, drift_theta, totals, x_prev=x_prev)).clamp(-1.0, 2.0)
         return (x + self.drift(x, drift_theta)).clamp(-1.0, 2.0)
 
@@ -853,7 +853,7 @@ class FilterDrift(_WindowLaw):
         self.n_bins, self.subcells, self.window = B, subcells, window
         self.weight_prior_scale = float(weight_prior_scale)
         self.width_prior_scale = float(width_prior_scale)
-        self.uses_totals = True  # (totals are not used: the history reaches forward this way)
+        self.uses_totals = False
         self.filter = _Filter(self.weight_prior_scale, B, self.width_prior_scale)
         self._cache = None  # (θ values, filter): θ is held during SVI and forecasts
 
@@ -955,14 +955,13 @@ class FilterDrift(_WindowLaw):
             C = 0.5 * (C + C.transpose(-1, -2))
         return out
 
-    def laws(self, theta: dict[str, torch.Tensor], window: int | None = None
-             ) -> list[torch.Tensor]:
-        """The law for every window ``0, ..., L`` (default ``L = window``):
+    def laws(self, theta: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        """The law for every window ``0, ..., L``:
         ``A_l`` ``(..., B, (l + 1)·B)`` with ``E[X_{t+1}] = A_l [X_{t-l}; ...; X_t]`` (θ's
         leading axes first), conserving mass: the raw prediction plus a uniform share of
         ``Σ X_t - Σ`` (raw prediction)."""
         B = self.n_bins
-        preds = self._filter(theta, self.window if window is None else window, maps=True)["preds"]
+        preds = self._filter(theta, self.window, maps=True)["preds"]
         share = torch.full((B, B), 1.0 / B, dtype=preds[0].dtype, device=preds[0].device)
         out = []
         for A in preds:
@@ -1004,16 +1003,21 @@ class FilterDrift(_WindowLaw):
             run = run & (a == b).all(-1)
             padded = padded + run.long()
         lags = len(hist) - 1 - padded
-        batched = any(theta[k].shape != shape for k, shape in self.shapes().items())
-        out = torch.zeros_like(x)
-        for lag in sorted(set(lags.flatten().tolist())):  # the last lag + 1 states
-            rows = hist[len(hist) - 1 - lag:]
-            if batched:
-                pred = self._run(theta, rows)
-            else:
-                law = self._cached(theta, "laws", lambda: self.laws(theta))[lag]
-                pred = (law @ torch.cat(rows, -1).unsqueeze(-1)).squeeze(-1)
-            out = torch.where((lags == lag).unsqueeze(-1), pred, out)
+        found = sorted(set(lags.flatten().tolist()))
+        if any(theta[k].shape != shape for k, shape in self.shapes().items()):
+            # θ draws broadcast over the states: the filter on all of them, per window found
+            # (one in a forecast, where every sequence is at the same time)
+            out = self._run(theta, hist[len(hist) - 1 - found[0]:])
+            for lag in found[1:]:
+                pred = self._run(theta, hist[len(hist) - 1 - lag:])
+                out = torch.where((lags == lag).unsqueeze(-1), pred, out)
+            return out - x
+        laws = self._cached(theta, "laws", lambda: self.laws(theta))
+        out = x.new_zeros(x.shape)
+        for lag in found:  # each window's law on its own states only (in SVI: one time each)
+            rows = lags == lag
+            z = torch.cat([h.expand_as(x)[rows] for h in hist[len(hist) - 1 - lag:]], -1)
+            out[rows] = z @ laws[lag].transpose(-1, -2)
         return out - x
 
     def _run(self, theta: dict[str, torch.Tensor], states: list[torch.Tensor]) -> torch.Tensor:

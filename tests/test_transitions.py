@@ -1048,7 +1048,13 @@ def test_filter_drift_conserves_mass_and_both_paths_agree(widths):
     assert torch.allclose(batched, out.expand(4, 3, B), atol=1e-14, rtol=0)
     padded = drift(hist[-1], theta, None, prev + (hist[0],) * 3)  # X_0 repeated before start
     assert torch.allclose(padded, out, atol=1e-15, rtol=0)
-    assert (drift(hist[-1], theta, None, prev[:2]) - out).abs().max() > 1e-6  # history matters
+    short = drift(hist[-1], theta, None, prev[:2])
+    assert (short - out).abs().max() > 1e-6  # history matters
+    # states at different times in one call (as in SVI): each gets its own window's law
+    mixed = drift(torch.stack([hist[-1], hist[-1]]), theta, None,
+                  tuple(torch.stack([p, q]) for p, q in zip(prev, prev[:2] + (prev[1],) * 2,
+                                                             strict=True)))
+    assert torch.allclose(mixed, torch.stack([out, short]), atol=1e-15, rtol=0)
 
 
 def test_filter_drift_is_the_fine_grids_exact_propagation_on_its_own_history():
