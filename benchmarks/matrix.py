@@ -51,7 +51,9 @@ def to_markdown(rows: list[dict]) -> str:
             + " | linear " + " / ".join(str(t) for t in TIMES) + " | mass | coverage | train_s |")
     out = [head, "|" + "---|" * (8 + len(TIMES))]
     for r in rows:
-        out.append(f"| {r['cell']} | {r['bins']} | {r['n']} | {r['model']} (seed {r['seed']}) | "
+        model = r["model"] + (f" -> {r['chosen']}" if r.get("chosen", r["model"]) != r["model"]
+                              else "")
+        out.append(f"| {r['cell']} | {r['bins']} | {r['n']} | {model} (seed {r['seed']}) | "
                    + " | ".join(f"{r['ratio'][str(t)]:.3f}" for t in TIMES) + " | "
                    + " / ".join(f"{r['linear'][str(t)]:.3g}" for t in TIMES)
                    + f" | {r['mass']:.1e} | {r['coverage']:.3f} | {r['train_s']:.0f} |")
@@ -64,7 +66,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--cells", default=",".join(CELLS))
     p.add_argument("--sizes", default="1,4,64")
-    p.add_argument("--model", default="physics")
+    p.add_argument("--model", default="auto")
     p.add_argument("--seeds", default="0")
     p.add_argument("--jsonl", type=Path, default=Path("benchmarks/matrix.jsonl"))
     p.add_argument("--out", type=Path, default=Path("benchmarks/matrix.md"))
@@ -83,7 +85,8 @@ def main() -> None:
                 rec = {"cell": cell, "bins": bins, "n": n, "model": a.model, "seed": seed,
                        "ratio": {t: r["ratio"] for t, r in mod.items()}, "linear": lin,
                        "mass": first["mass_error"], "coverage": first["coverage"],
-                       "train_s": first["train_seconds"], "when": time.strftime("%F %T")}
+                       "train_s": first["train_seconds"], "chosen": first["chosen"],
+                       "when": time.strftime("%F %T")}
                 with a.jsonl.open("a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 print(json.dumps(rec), flush=True)

@@ -215,7 +215,7 @@ def _configure_train(parser: argparse.ArgumentParser) -> None:
                              "with --resume (then checked against the run's train.npz)")
     parser.add_argument("--model", default=None,
                         help="model spec of a new run: a name in models/ or a .toml path "
-                             "(default: physics)")
+                             "(default: auto, which picks physics or subbin from the data)")
     parser.add_argument("--guide", default=None,
                         help="guide spec of a new run: a name in guides/ or a .toml path "
                              "(default: lognormal)")
@@ -297,6 +297,12 @@ def _run_train(args: argparse.Namespace) -> int:
                  if getattr(args, flag) is not None}  # absent: Run.create's defaults
         run = Run.create(out, args.data, steps=args.steps, max_bytes=max_bytes,
                          batch_size=args.batch_size, **given)
+        choice = run.config.get("model_choice")
+        if choice is not None:
+            width = "no width to fit" if choice["width"] is None else \
+                f"rms displacement width {choice['width']:.3f} bins per snapshot, " \
+                f"threshold {choice['width_below']:g}"
+            print(f"model {choice['spec']}: {choice['chosen']} ({width})")
     with run:
         try:
             inference = run.fit(steps=args.steps if args.resume is not None else None,
@@ -359,8 +365,9 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _configure_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("report"),
                         help="report directory (default: report)")
-    parser.add_argument("--model", default="physics",
-                        help="model spec: a name in models/ or a .toml path (default: physics)")
+    parser.add_argument("--model", default="auto",
+                        help="model spec: a name in models/ or a .toml path (default: auto, "
+                             "which picks physics or subbin from the data)")
     parser.add_argument("--guide", default="lognormal",
                         help="guide spec: a name in guides/ or a .toml path (default: lognormal)")
     parser.add_argument("--seed", type=nonnegative_int, default=0,
@@ -406,7 +413,9 @@ def _configure_curve(parser: argparse.ArgumentParser) -> None:
                              "its first snapshots, scored on the rest)")
     parser.add_argument("--sizes", default="1,2,4,8,16,64",
                         help="comma-separated training-set sizes (default: 1,2,4,8,16,64)")
-    parser.add_argument("--model", default="physics", help="model spec (default: physics)")
+    parser.add_argument("--model", default="auto",
+                        help="model spec (default: auto, which picks physics or subbin from "
+                             "each training subset)")
     parser.add_argument("--guide", default="lognormal", help="guide spec (default: lognormal)")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help="SVI steps per fit (default: the guide spec's)")

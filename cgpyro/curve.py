@@ -19,13 +19,10 @@ from .inference import SVIInference, as_counts
 __all__ = ["learning_curve", "write_curve", "plot_learning_curve"]
 
 
-def _variants(model, with_no_vo: bool):
-    from .specs import load_model_spec
-
-    spec = load_model_spec(model)
-    out = [(spec.name, spec)]
+def _variants(spec, name: str, with_no_vo: bool):
+    out = [(name, spec)]
     if with_no_vo and spec.virtual_observables:
-        out.append((f"{spec.name}_no_vo", dataclasses.replace(
+        out.append((f"{name}_no_vo", dataclasses.replace(
             spec, virtual_observables=[], emission="normalized_multinomial")))
     return out
 
@@ -34,7 +31,7 @@ def learning_curve(
     train,
     test,
     sizes=(1, 2, 4, 8, 16, 64),
-    model="physics",
+    model="auto",
     guide="lognormal",
     *,
     steps: int | None = None,
@@ -51,18 +48,21 @@ def learning_curve(
     :param test: held-out counts ``(n_test, T_test, n_bins)`` with ``T_test > T``: states are
         inferred from the first ``T`` snapshots, then forecast to ``T_test - 1``.
     :param sizes: training-set sizes; those above ``n_sequences`` are dropped.
-    :param model: a model spec name or path (a no-VO variant is added if ``with_no_vo``).
+    :param model: a model spec name or path (a no-VO variant is added if ``with_no_vo``); a
+        choosing spec (``"auto"``) picks its model from each training subset (row key
+        ``chosen``: the spec trained).
     :param eval_steps: test snapshot indices to score (default: four spread over the forecast).
     :param oracle: optional oracle fractions ``(n_test, T_test, n_bins)`` (e.g. the exact
         expectation given the FG state at ``T - 1``); then ``ratio`` = error / oracle error,
         else error / the error of the linear map fitted on *all* training sequences.
     :returns: rows ``{"n", "model", "t", "error", "ratio", "mass_error", "coverage",
-        "coverage50", "coverage80", "coverage95", "train_seconds"}`` (coverage = 95 %), one
+        "coverage50", "coverage80", "coverage95", "train_seconds", "chosen"}`` (coverage =
+        95 %), one
         per (n, model, t); model ``"linear"`` is the peer.
     """
     from .guides import guide_for_new_sequences
     from .predict import forecast
-    from .specs import load_guide
+    from .specs import ModelChoice, load_guide, load_model_spec
 
     train_c, test_c = as_counts(train), as_counts(test)
     n_all, T, B = train_c.shape
@@ -97,15 +97,16 @@ def learning_curve(
     svi = dict(guide_spec.svi)
     if steps is not None:
         svi["steps"] = steps
-    variants = _variants(model, with_no_vo)  # read once: every n trains the same spec
+    base = load_model_spec(model, allow_choice=True)  # read once
     rows = []
     for n in sizes:
         for t, err in linear_errors(n).items():
             rows.append({"n": n, "model": "linear", "t": t, "error": err,
                          "ratio": err / norm[t], "mass_error": 0.0, "coverage": float("nan"),
                          "coverage50": float("nan"), "coverage80": float("nan"),
-                         "coverage95": float("nan"), "train_seconds": 0.0})
-        for name, spec in variants:
+                         "coverage95": float("nan"), "train_seconds": 0.0, "chosen": "linear"})
+        chosen = base.choose(train_c[:n]) if isinstance(base, ModelChoice) else base
+        for name, spec in _variants(chosen, base.name, with_no_vo):
             cg = spec.build(B)
             inference = SVIInference(cg, guide=guide_spec.factory, seed=seed,
                                      progress=progress, **svi).fit(train_c[:n])
@@ -121,7 +122,7 @@ def learning_curve(
                 rows.append({"n": n, "model": name, "t": t, "error": err,
                              "ratio": err / norm[t], "mass_error": mass,
                              "coverage": cov["coverage95"], **cov,
-                             "train_seconds": inference.fit_seconds})
+                             "train_seconds": inference.fit_seconds, "chosen": chosen.name})
     return rows
 
 
@@ -135,7 +136,7 @@ def _pivot(rows):
     for n, name in keys:
         sel = {r["t"]: r for r in rows if r["n"] == n and r["model"] == name}
         first = next(iter(sel.values()))
-        row = {"n": n, "model": name}
+        row = {"n": n, "model": name, "chosen": first["chosen"]}
         row.update({f"ratio@{t}": sel[t]["ratio"] for t in steps})
         row.update({"mass_error": first["mass_error"],
                     "cov50/80/95": " / ".join(f"{first[k]:.2f}" for k in

@@ -44,11 +44,15 @@ class ExperimentResult:
     extra: dict = field(default_factory=dict)
 
 
-def _as_model(model, n_bins):
+def _as_model(model, n_bins, counts=None):
+    """The model of a spec name (a choosing spec only with the training ``counts``: until
+    then ``None``, the spec checked) or the model given."""
     if isinstance(model, str):
-        from .specs import load_model
+        from .specs import ModelChoice, load_model, load_model_spec
 
-        return load_model(model, n_bins=n_bins)
+        if counts is None and isinstance(load_model_spec(model, allow_choice=True), ModelChoice):
+            return None
+        return load_model(model, n_bins=n_bins, counts=counts)
     return model
 
 
@@ -64,7 +68,7 @@ def _svi_settings(guide):
 
 
 def run_paper_experiment(
-    model="physics",
+    model="auto",
     guide="lognormal",
     *,
     seed: int = 0,
@@ -84,7 +88,8 @@ def run_paper_experiment(
     the training ones, and forecast every sequence to ``n_steps`` (held-out ones after fitting
     their states with θ fixed).
 
-    :param model: a model spec name/path or a :class:`~cgpyro.model.CGModel`.
+    :param model: a model spec name/path (a choosing one, the default ``"auto"``, picks its
+        model from the training sequences) or a :class:`~cgpyro.model.CGModel`.
     :param guide: a guide spec name/path (``"lognormal"``: the paper's).
     :param steps: SVI steps (default: the guide spec's).
     """
@@ -100,6 +105,8 @@ def run_paper_experiment(
     frac = data.fractions
     counts = data.counts
     train, test = counts[:n_train, :n_observed], counts[n_train:, :n_observed]
+    if cg_model is None:
+        cg_model = _as_model(model, n_bins, train)
     if steps is not None:
         svi["steps"] = steps
     inference = SVIInference(cg_model, guide=factory, seed=seed, device=device,

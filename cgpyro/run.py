@@ -247,13 +247,15 @@ class Run:
         return self.path / "checkpoint.pt"
 
     @classmethod
-    def create(cls, path, data, model="physics", guide="lognormal", *, steps: int | None = None,
+    def create(cls, path, data, model="auto", guide="lognormal", *, steps: int | None = None,
                seed: int = 0, device: str = "cpu", max_bytes: int | None = None,
                data_name: str | None = None, batch_size: int | None = None) -> Run:
         """A new run in ``path`` (created if missing; it must be empty or hold only the files of
         a run that never saved a checkpoint) for ``data`` (a Dataset or a data file).
 
-        :param model, guide: spec names or ``.toml`` paths.
+        :param model, guide: spec names or ``.toml`` paths. A choosing model spec (the
+            default ``"auto"``) picks its model from ``data``; the run stores the chosen spec
+            and records the choice in ``config["model_choice"]``.
         :param steps: total SVI steps (default: the guide spec's).
         :param max_bytes: memory the run may need (default: the available memory).
         :param data_name: how messages name the data (default: its path).
@@ -262,7 +264,7 @@ class Run:
         """
         from . import data as cgdata
         from .inference import SVIInference
-        from .specs import load_guide, load_model_spec
+        from .specs import load_guide, resolve_model_spec
         from .virtual import constraint_identity
 
         path = Path(path)
@@ -279,7 +281,7 @@ class Run:
         if dataset.n_bins < 2:
             raise RunError(f"{data_name or 'data'}: counts has {dataset.n_bins} bin; the CG "
                            "model needs at least 2 bins")
-        model_spec = load_model_spec(model)
+        model_spec = resolve_model_spec(model, dataset.counts)  # "auto" picks from the data
         built = _build_model(model_spec.path, dataset.n_bins, model_spec.file)
         guide_spec = load_guide(guide)
         steps = steps or guide_spec.svi.get(
@@ -294,6 +296,8 @@ class Run:
             "guide_sha256": _sha256(guide_spec.source), "data_sha256": data_digest(dataset),
             "constraints": constraints,
         }
+        if model_spec.choice is not None:
+            config["model_choice"] = model_spec.choice
         if batch_size is not None:
             try:
                 config["batch_size"] = check_int(batch_size, "batch_size")

@@ -86,6 +86,15 @@ Model spec (``models/NAME.toml``; absent keys take the defaults shown)::
 unnormalized ``X`` is unbounded); with virtual observables none of which is the built-in
 ``"mass"``, a ``UserWarning`` (the user's constraint may or may not normalize ``X``).
 
+A *choosing* spec (``models/auto.toml``, the default) holds only ``name``, ``description``
+and a table that names two plain specs; it picks one from the training data
+(:func:`resolve_model_spec`, ``load_model(spec, counts=...)``; :class:`ModelChoice`)::
+
+    [choose]
+    short_step = "subbin"            # where the rms width of one snapshot's displacement
+    width_below = 0.28               # (bins; transitions.displacement_width) is below this
+    otherwise = "physics"            # else this one
+
 Guide spec (``guides/NAME.toml``)::
 
     name = "NAME"
@@ -128,6 +137,7 @@ from .transitions import (
     FluxDrift,
     GaussianTransition,
     SubgridDrift,
+    displacement_width,
 )
 from .virtual import (
     BUILTIN_CONSTRAINTS,
@@ -139,12 +149,14 @@ from .virtual import (
 __all__ = [
     "SPECS_ENV",
     "GuideSpec",
+    "ModelChoice",
     "ModelSpec",
     "SpecError",
     "list_specs",
     "load_guide",
     "load_model",
     "load_model_spec",
+    "resolve_model_spec",
     "specs_dir",
 ]
 
@@ -214,6 +226,7 @@ class ModelSpec:
     virtual_observables: list[dict]
     fixed: dict[str, float]
     vectorized: bool | None
+    choice: dict | None = None  # set where a choosing spec (ModelChoice) picked this one
 
     @property
     def file(self) -> str:
@@ -297,11 +310,93 @@ def _memory_setting(table, key: str):
     return value
 
 
-def load_model_spec(path_or_name) -> ModelSpec:
-    """Read and validate a model spec (a ``.toml`` path or a name in ``models/``)."""
+@dataclass
+class ModelChoice:
+    """A spec that picks one of two model specs from the training data (table ``[choose]``;
+    ``models/auto.toml``): ``short_step`` where the rms width of one snapshot's displacement,
+    :func:`~cgpyro.transitions.displacement_width`, is below ``width_below`` bins (the profile
+    inside the bins outlives a snapshot), else ``otherwise``."""
+
+    name: str
+    description: str
+    path: Path
+    source: str
+    short_step: str
+    otherwise: str
+    width_below: float
+
+    @property
+    def file(self) -> str:
+        return display(self.path)
+
+    def choose(self, counts) -> ModelSpec:
+        """The spec for training ``counts`` ``(n_sequences, n_times, n_bins)`` (a Dataset,
+        array or tensor), with ``choice``: ``{"spec", "chosen", "width", "width_below"}``.
+        Data with one snapshot or fewer than 3 bins have no width to fit (``width`` None):
+        ``otherwise``."""
+        counts = torch.as_tensor(getattr(counts, "counts", counts))
+        if counts.dim() != 3:
+            raise ValueError(f"{self.file}: choosing a model needs counts (n_sequences, "
+                             f"n_times, n_bins), got shape {tuple(counts.shape)}")
+        width = displacement_width(counts) if counts.shape[1] >= 2 and counts.shape[2] >= 3 \
+            else None
+        chosen = self.short_step if width is not None and width < self.width_below \
+            else self.otherwise
+        spec = _load_plain(chosen, self.file)
+        spec.choice = {"spec": self.name, "chosen": spec.name, "width": width,
+                       "width_below": self.width_below}
+        return spec
+
+
+def _load_plain(name, where: str) -> ModelSpec:
+    spec = load_model_spec(name, allow_choice=True)
+    if isinstance(spec, ModelChoice):
+        raise SpecError(f"{where}: [choose] {name!r} is itself a choosing spec; name plain "
+                        "model specs")
+    return spec
+
+
+def _model_choice(file: str, path: Path, source: str, data: dict) -> ModelChoice:
+    top = Table(file, "", data, ("name", "description", "choose"))
+    ch = data["choose"]
+    if not isinstance(ch, dict):
+        raise SpecError(f"{file}: choose: expected a table ([choose]), found {show(ch)}")
+    t = Table(file, "[choose]", ch, ("short_step", "otherwise", "width_below"))
+    for key in ("short_step", "otherwise", "width_below"):
+        if not t.has(key):
+            t.fail(key, "required")
+    names = {key: t.get_str(key) for key in ("short_step", "otherwise")}
+    for key, name in names.items():
+        try:
+            _load_plain(name, f"{file}: [choose] {key}")
+        except SpecError as err:
+            t.fail(key, f"{name!r} is not a usable model spec ({err})")
+    return ModelChoice(name=top.get_str("name", path.stem),
+                       description=top.get_str("description", ""), path=path, source=source,
+                       width_below=t.get_number("width_below"), **names)
+
+
+def resolve_model_spec(path_or_name, counts) -> ModelSpec:
+    """:func:`load_model_spec`, where a choosing spec (``[choose]``, e.g. ``"auto"``) picks its
+    model from the training ``counts`` ``(n_sequences, n_times, n_bins)``; a plain spec is
+    returned as read."""
+    spec = load_model_spec(path_or_name, allow_choice=True)
+    return spec.choose(counts) if isinstance(spec, ModelChoice) else spec
+
+
+def load_model_spec(path_or_name, allow_choice: bool = False) -> ModelSpec | ModelChoice:
+    """Read and validate a model spec (a ``.toml`` path or a name in ``models/``). A choosing
+    spec (table ``[choose]``) needs the training data (:func:`resolve_model_spec`); with
+    ``allow_choice`` it is returned as a :class:`ModelChoice`, else refused."""
     path = resolve(path_or_name, "models", "model")
     data, source = read(path)
     file = display(path)
+    if "choose" in data:
+        if not allow_choice:
+            raise SpecError(f"{file}: chooses its model from the training data ([choose]): "
+                            "use resolve_model_spec(spec, counts) or load_model(spec, "
+                            "counts=counts)")
+        return _model_choice(file, path, source, data)
     top = Table(file, "", data, MODEL_KEYS[""])
     cg = Table(file, "[cg]", data.get("cg", {}), MODEL_KEYS["cg"])
     n_bins = cg.data.get("n_bins", "auto")
@@ -432,14 +527,21 @@ def load_model_spec(path_or_name) -> ModelSpec:
     )
 
 
-def load_model(path_or_name, n_bins: int | None = None) -> CGModel:
+def load_model(path_or_name, n_bins: int | None = None, counts=None) -> CGModel:
     """The :class:`~cgpyro.model.CGModel` of a spec, for data with ``n_bins`` bins.
 
     :param path_or_name: a ``.toml`` path or a name in ``models/`` (e.g. ``"particles_paper"``).
-    :param n_bins: the data's number of bins; required if the spec has ``n_bins = "auto"``,
-        checked against it otherwise.
+    :param n_bins: the data's number of bins; required if the spec has ``n_bins = "auto"``
+        (and no ``counts``), checked against it otherwise.
+    :param counts: the training counts ``(n_sequences, n_times, n_bins)`` (Dataset, array or
+        tensor): needed by a choosing spec (``"auto"``), which picks its model from them.
     """
-    return load_model_spec(path_or_name).build(n_bins)
+    if counts is None:
+        return load_model_spec(path_or_name).build(n_bins)
+    counts = getattr(counts, "counts", counts)
+    if n_bins is None:
+        n_bins = int(counts.shape[-1])
+    return resolve_model_spec(path_or_name, counts).build(n_bins)
 
 
 # --------------------------------------------------------------------------- guide specs

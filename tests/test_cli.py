@@ -1,6 +1,7 @@
 """The command line: ``cgpyro simulate`` end to end, and one-line errors for bad input."""
 
 import errno
+import re
 
 import numpy as np
 import pytest
@@ -97,3 +98,25 @@ def test_help_and_registry(capsys):
     assert main(["simulate", "--help"]) == 0
     assert "--particles" in capsys.readouterr().out
     assert "simulate" in COMMANDS and callable(COMMANDS["simulate"].run)
+
+
+def test_train_default_model_is_chosen_from_the_data_and_recorded(tmp_path, capsys):
+    import json
+
+    from cgpyro.data import save
+    from cgpyro.specs import load_model_spec
+
+    data, _ = simulate_dataset(n_sequences=2, n_steps=4, n_particles=20_000, n_bins=25, seed=0)
+    save(data, tmp_path / "d.npz")
+    assert main(["train", "--data", str(tmp_path / "d.npz"), "--steps", "3", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    # the paper's step (Δt = 1,600 on 25 bins) moves particles by half a bin: "physics"
+    assert re.search(r"model auto: physics \(rms displacement width 0\.[45]\d+ bins per "
+                     r"snapshot, threshold 0\.28\)", out)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_spec"] == "physics"
+    assert config["model_choice"]["chosen"] == "physics"
+    assert config["model_choice"]["width"] > 0.28
+    # the run stores the chosen spec, so a resume or predict rebuilds it without choosing
+    assert (tmp_path / "run" / "model.toml").read_text() == load_model_spec("physics").source

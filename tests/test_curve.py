@@ -11,11 +11,14 @@ def test_learning_curve_smoke(tmp_path):
     train, test = data.counts[:3, :4], data.counts[3:]
     rows = learning_curve(train, test, sizes=(1, 2, 99), steps=20, num_samples=20)
     assert {r["n"] for r in rows} == {1, 2}
-    assert {r["model"] for r in rows} == {"linear", "physics", "physics_no_vo"}
+    # the default spec "auto" picks its model from each subset: 10 bins of 128 sites at
+    # Δt = 1,600 is a short step (width 0.2 bins), so "subbin"
+    assert {r["model"] for r in rows} == {"linear", "auto", "auto_no_vo"}
+    assert {r["chosen"] for r in rows if r["model"] != "linear"} == {"subbin"}
     assert {r["t"] for r in rows} <= set(range(4, 8))
     assert all(np.isfinite(r["error"]) and r["error"] > 0 for r in rows)
-    # the physics model learns from one sequence what the linear map cannot
-    phys = max(r["ratio"] for r in rows if r["model"] == "physics" and r["n"] == 1)
+    # the model learns from one sequence what the linear map cannot
+    phys = max(r["ratio"] for r in rows if r["model"] == "auto" and r["n"] == 1)
     lin = max(r["ratio"] for r in rows if r["model"] == "linear" and r["n"] == 1)
     assert phys < lin
     files = write_curve(rows, tmp_path)
@@ -36,7 +39,7 @@ def test_curve_command_writes_table_and_figure(tmp_path):
                "--no-vo-variant", "--out", str(tmp_path / "curve")])
     assert rc == 0
     text = (tmp_path / "curve" / "curve.md").read_text()
-    assert "| 2 | physics |" in text and "| 1 | linear |" in text
+    assert "| 2 | auto | subbin |" in text and "| 1 | linear | linear |" in text
     assert (tmp_path / "curve" / "curve.png").stat().st_size > 0
     assert main(["curve", "--data", str(tmp_path / "train.npz"), "--test",
                  str(tmp_path / "test.npz"), "--sizes", "1,x", "--out",

@@ -325,3 +325,60 @@ def test_guide_factory_builds_each_kind(data):
     kinds = {"lognormal": LogNormalGuide, "amortized": AmortizedGuide, "auto_normal": CGAutoGuide}
     for name, cls in kinds.items():
         assert isinstance(specs.load_guide(name).factory(model, counts, None), cls)
+
+
+# --------------------------------------------------------------------------- choosing specs
+def _particles(n_bins, micro_steps, seed=0):
+    data, sim = simulate_dataset(n_sequences=2, n_steps=5, n_particles=20_000, n_bins=n_bins,
+                                 micro_steps=micro_steps, seed=seed)
+    p_left, p_right = sim.system.p_left, sim.system.p_right
+    # one micro step moves a particle by -1, 0 or +1 site: variance p_l + p_r - (p_r - p_l)²
+    var = p_left + p_right - (p_right - p_left) ** 2
+    return data, math.sqrt(var * micro_steps) * n_bins / sim.system.n_sites
+
+
+# two sequences of 5 steps and 20,000 particles: a short step's width comes out up to 30 % low
+# (seeds 0-2: 0.103-0.139 for 0.140), a width near the threshold within 3 % (0.481-0.499, 0.494)
+@pytest.mark.parametrize("n_bins, micro_steps, chosen, rel", [(10, 800, "subbin", 0.3),
+                                                              (25, 1600, "physics", 0.05)])
+def test_auto_spec_chooses_by_the_width_of_one_snapshots_displacement(n_bins, micro_steps,
+                                                                      chosen, rel):
+    data, width = _particles(n_bins, micro_steps)  # analytic: 0.140 and 0.494 bins
+    spec = specs.resolve_model_spec("auto", data)
+    assert spec.name == chosen
+    assert spec.choice["spec"] == "auto" and spec.choice["chosen"] == chosen
+    assert spec.choice["width"] == pytest.approx(width, rel=rel)
+    model = specs.load_model("auto", counts=data.counts)
+    assert model.n_bins == n_bins and model.spec.name == chosen
+
+
+def test_auto_spec_needs_the_data_and_falls_back_without_a_width(data):
+    with pytest.raises(specs.SpecError, match="chooses its model from the training data"):
+        specs.load_model("auto", n_bins=5)
+    one_snapshot = data.counts[:, :1]
+    assert specs.resolve_model_spec("auto", one_snapshot).choice["width"] is None
+    assert specs.resolve_model_spec("auto", one_snapshot).name == "physics"
+    assert specs.resolve_model_spec("physics", data).choice is None  # a plain spec as read
+    with pytest.raises(ValueError, match=r"\(n_sequences, n_times, n_bins\)"):
+        specs.resolve_model_spec("auto", data.counts[0])
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[choose]\nshort_step = "subbin"\notherwise = "physics"\n',
+     r"\[choose\] width_below: required"),
+    ('[choose]\nshort_step = "subbin"\notherwise = "physics"\nwidth_below = -1\n',
+     r"\[choose\] width_below"),
+    ('[choose]\nshort_step = "nonesuch"\notherwise = "physics"\nwidth_below = 0.3\n',
+     r"\[choose\] short_step: 'nonesuch' is not a usable model spec"),
+    ('[choose]\nshort_step = "auto"\notherwise = "physics"\nwidth_below = 0.3\n',
+     r"'auto' is itself a choosing spec"),
+    ('[choose]\nshort_step = "subbin"\notherwise = "physics"\nwidth_below = 0.3\nbogus = 1\n',
+     r"\[choose\].*bogus"),
+    ('[choose]\nshort_step = "subbin"\notherwise = "physics"\nwidth_below = 0.3\n'
+     '[transition]\ndrift = "flux"\n', r"transition"),
+])
+def test_choosing_spec_errors_name_file_and_key(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(specs.SpecError, match=message) as err:
+        specs.resolve_model_spec(path, np.ones((1, 3, 5)))
+    assert "spec.toml" in str(err.value)
