@@ -1604,9 +1604,10 @@ class FluxDrift(ThetaModule):
                 "state inside the bins carries the dynamics and bin fractions are far from "
                 "Markov, so forecasts can be several times the physical floor (measured: 2.5-8x "
                 "at 0.17-0.27 bins, benchmarks/matrix.md). For independent particles the "
-                "model 'subbin' (--model subbin: a sub-bin state inferred by a Kalman filter) "
-                "is built for this; more sequences, fewer bins or a longer time between "
-                "snapshots also help", UserWarning, stacklevel=3)
+                "model 'subbin' (a sub-bin state inferred by a Kalman filter) is built for "
+                "this, and the default spec 'auto' trains it where the data show a short "
+                "step; more sequences or a longer time between snapshots also help",
+                UserWarning, stacklevel=3)
 
     def _pairs(self, frac, lags: int):
         """Regression pairs ``(x, dx, y)``, rows ``(sequence, time)`` sequence-major, ``x`` and

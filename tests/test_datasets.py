@@ -48,7 +48,7 @@ def test_the_matrix_has_its_cells():
 def test_matrix_cell_simulates_and_trains_a_few_steps(name):
     """Each robustness-matrix cell (benchmarks/matrix.py): its spec loads, a small copy of its
     system (its bins, Δt and transport; 2 sequences x 3 snapshots of 2,000 particles) simulates,
-    and the default model trains 5 steps on it to a finite loss."""
+    and the physics model trains 5 steps on it to a finite loss."""
     spec = load_dataset_spec(name)
     bins = spec.sampling["n_bins"]
     data, _ = simulate_dataset(n_sequences=2, n_steps=2, n_bins=bins, seed=0,

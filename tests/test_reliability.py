@@ -64,13 +64,16 @@ def every_step_guide(path: Path) -> Path:
 # -- shared tiny data and runs -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """Tiny datasets (3 sequences x 5 snapshots x 5 bins, 3000 particles) and a 20-step run."""
+    """Tiny datasets (3 sequences x 5 snapshots x 5 bins, 3000 particles) and a 20-step run.
+    160 sites: a snapshot moves particles by 0.7 bins, so the default spec ("auto") trains the
+    fast "physics" (on 1,280 sites it would train "subbin": 10 s a run instead of 3)."""
     root = tmp_path_factory.mktemp("world")
-    data, _ = simulate_dataset(n_sequences=3, n_steps=4, n_particles=3000, n_bins=5, seed=0)
+    tiny = {"n_steps": 4, "n_particles": 3000, "n_sites": 160}
+    data, _ = simulate_dataset(n_sequences=3, n_bins=5, seed=0, **tiny)
     save(data, root / "d.npz")
-    other, _ = simulate_dataset(n_sequences=3, n_steps=4, n_particles=3000, n_bins=5, seed=1)
+    other, _ = simulate_dataset(n_sequences=3, n_bins=5, seed=1, **tiny)
     save(other, root / "other.npz")  # same shape, other counts
-    wide, _ = simulate_dataset(n_sequences=2, n_steps=4, n_particles=3000, n_bins=8, seed=0)
+    wide, _ = simulate_dataset(n_sequences=2, n_bins=8, seed=0, **tiny)
     save(wide, root / "bins8.npz")
     save(data.subset(times=slice(0, 1)), root / "one_snapshot.npz")
     assert main(["train", "--data", str(root / "d.npz"), "--steps", "20", "--out",
