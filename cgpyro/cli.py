@@ -299,10 +299,9 @@ def _run_train(args: argparse.Namespace) -> int:
                          batch_size=args.batch_size, **given)
         choice = run.config.get("model_choice")
         if choice is not None:
-            width = "no width to fit" if choice["width"] is None else \
-                f"rms displacement width {choice['width']:.3f} bins per snapshot, " \
-                f"threshold {choice['width_below']:g}"
-            print(f"model {choice['spec']}: {choice['chosen']} ({width})")
+            from cgpyro.specs import describe_model
+
+            print(f"model: {describe_model(choice['chosen'], choice)}")
     with run:
         try:
             inference = run.fit(steps=args.steps if args.resume is not None else None,
@@ -387,12 +386,15 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     import json
 
     from cgpyro.experiment import run_paper_experiment, write_report
+    from cgpyro.specs import describe_model
 
     out = _writable_dir(args.out)
     result = run_paper_experiment(args.model, args.guide, seed=args.seed,
                                   n_particles=args.particles, steps=args.steps,
                                   device=args.device, progress=not args.quiet)
     paths = write_report(result, out)
+    if result.extra["model_spec"] is not None:
+        print(f"model: {describe_model(result.extra['model_spec'], result.extra['model_choice'])}")
     print(json.dumps(result.metrics, indent=1))
     print(f"wrote {len(paths)} files to {out}")
     return EXIT_OK

@@ -157,7 +157,9 @@ def run_paper_experiment(
         metrics=summary, rows=rows, forecast_train=f_train, forecast_test=f_test,
         truth_train=frac[:n_train], truth_test=truth_test, loss_history=inference.loss_history,
         bin_edges=data.bin_edges, dt=data.dt, n_observed=n_observed,
-        extra={"inference": inference, "model": cg_model},
+        extra={"inference": inference, "model": cg_model, "model_spec": getattr(
+            getattr(cg_model, "spec", None), "name", None), "model_choice": getattr(
+            getattr(cg_model, "spec", None), "choice", None)},
     )
 
 
@@ -177,7 +179,13 @@ def write_report(result: ExperimentResult, out_dir) -> list[Path]:
     lines += ["", "| metric | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
               for k, v in result.metrics.items()]
+    from .specs import describe_model
+
+    spec, choice = result.extra.get("model_spec"), result.extra.get("model_choice")
+    if spec is not None:  # which spec trained (a choosing spec's pick, with its σ)
+        lines = [f"Model: {describe_model(spec, choice)}", "", *lines]
     (out / "metrics.md").write_text("\n".join(lines) + "\n")
-    (out / "metrics.json").write_text(json.dumps({"summary": result.metrics,
+    (out / "metrics.json").write_text(json.dumps({"model": spec, "model_choice": choice,
+                                                  "summary": result.metrics,
                                                   "rows": result.rows}, indent=2))
     return [*paths, out / "metrics.md", out / "metrics.json"]

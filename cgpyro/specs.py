@@ -152,6 +152,7 @@ __all__ = [
     "ModelChoice",
     "ModelSpec",
     "SpecError",
+    "describe_model",
     "list_specs",
     "load_guide",
     "load_model",
@@ -346,6 +347,18 @@ class ModelChoice:
         spec.choice = {"spec": self.name, "chosen": spec.name, "width": width,
                        "width_below": self.width_below}
         return spec
+
+
+def describe_model(name: str, choice: dict | None = None) -> str:
+    """``name``, and where a choosing spec picked it (``ModelSpec.choice``), why: e.g.
+    ``"subbin (chosen by auto: rms displacement width 0.112 bins per snapshot, threshold
+    0.28)"``."""
+    if not choice:
+        return name
+    width = "no width to fit" if choice["width"] is None else (
+        f"rms displacement width {choice['width']:.3f} bins per snapshot, threshold "
+        f"{choice['width_below']:g}")
+    return f"{name} (chosen by {choice['spec']}: {width})"
 
 
 def _load_plain(name, where: str) -> ModelSpec:

@@ -112,8 +112,8 @@ def test_train_default_model_is_chosen_from_the_data_and_recorded(tmp_path, caps
                  "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     # the paper's step (Δt = 1,600 on 25 bins) moves particles by half a bin: "physics"
-    assert re.search(r"model auto: physics \(rms displacement width 0\.[45]\d+ bins per "
-                     r"snapshot, threshold 0\.28\)", out)
+    assert re.search(r"model: physics \(chosen by auto: rms displacement width 0\.[45]\d+ "
+                     r"bins per snapshot, threshold 0\.28\)", out)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["model_spec"] == "physics"
     assert config["model_choice"]["chosen"] == "physics"
