@@ -73,7 +73,7 @@ def whole_process(n_steps: int = 1500) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.npz"
         save(simulate_dataset(64, 9, seed=0)[0], data)
-        runs = [("cgpyro train (physics, default guide)",
+        runs = [("cgpyro train (default model: auto -> physics; default guide)",
                  [sys.executable, "-m", "cgpyro.cli", "train", "--data", str(data), "--steps",
                   str(n_steps), "--quiet", "--out", str(Path(tmp) / "run")]),
                 ("pyro.markov loop, paper MLP, Trace_ELBO",

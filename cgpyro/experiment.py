@@ -153,13 +153,14 @@ def run_paper_experiment(
         "predict_seconds": predict_seconds,
         "seed": seed,
     }
+    spec = getattr(cg_model, "spec", None)  # set where the model was built from a spec
     return ExperimentResult(
         metrics=summary, rows=rows, forecast_train=f_train, forecast_test=f_test,
         truth_train=frac[:n_train], truth_test=truth_test, loss_history=inference.loss_history,
         bin_edges=data.bin_edges, dt=data.dt, n_observed=n_observed,
-        extra={"inference": inference, "model": cg_model, "model_spec": getattr(
-            getattr(cg_model, "spec", None), "name", None), "model_choice": getattr(
-            getattr(cg_model, "spec", None), "choice", None)},
+        extra={"inference": inference, "model": cg_model,
+               "model_spec": getattr(spec, "name", None),
+               "model_choice": getattr(spec, "choice", None)},
     )
 
 

@@ -958,15 +958,18 @@ def test_window_specs_train_and_forecast_conserving_mass(spec, held, n_bins):
     assert np.abs(mass[:, 4:] - mass[:, 3:4]).max() < 1e-9
 
 
-def test_subgrid_spec_rejects_the_other_drifts_keys(tmp_path):
+@pytest.mark.parametrize("text, message", [
+    ('drift = "subgrid"\nradius = 2', "radius: is not a setting of drift = .subgrid."),
+    ('drift = "flux"\nsubcells = 2', "subcells: is not a setting of drift = .flux. \\(it "
+     "belongs to drift = .subgrid. or drift = .filter.\\)"),
+    ('drift = "filter"\nradius = 2', "radius: is not a setting of drift = .filter."),
+    ('drift = "flux"\nwidth_prior_scale = 0.1', "width_prior_scale: is not a setting of "
+     "drift = .flux. \\(it belongs to drift = .filter.\\)"),
+])
+def test_window_drift_specs_reject_the_other_drifts_keys(tmp_path, text, message):
     bad = tmp_path / "bad.toml"
-    bad.write_text('[transition]\ndrift = "subgrid"\nradius = 2\n')
-    with pytest.raises(SpecError, match="radius: is not a setting of drift = .subgrid."):
-        load_model(bad, n_bins=16)
-    bad.write_text('[transition]\ndrift = "flux"\nsubcells = 2\n')
-    with pytest.raises(SpecError, match="subcells: is not a setting of drift = .flux. "
-                                        "\\(it belongs to drift = .subgrid. or drift = "
-                                        ".filter.\\)"):
+    bad.write_text(f"[transition]\n{text}\n")
+    with pytest.raises(SpecError, match=message):
         load_model(bad, n_bins=16)
     bad.write_text('[transition]\ndrift = "subgrid"\nsubcells = 0\n')
     with pytest.raises(SpecError, match="subcells"):
@@ -1145,15 +1148,8 @@ def test_filter_empirical_bayes_recovers_the_transport_and_chooses_widths():
     assert (learned[1::2] - learned[::2]).min() > 0.1  # the wide bins are found wider
 
 
-def test_filter_spec_keys(tmp_path):
+def test_filter_spec_keys(tmp_path):  # other drifts' keys: test_window_drift_specs_reject_...
     bad = tmp_path / "bad.toml"
-    bad.write_text('[transition]\ndrift = "filter"\nradius = 2\n')
-    with pytest.raises(SpecError, match="radius: is not a setting of drift = .filter."):
-        load_model(bad, n_bins=16)
-    bad.write_text('[transition]\ndrift = "flux"\nwidth_prior_scale = 0.1\n')
-    with pytest.raises(SpecError, match="width_prior_scale: is not a setting of drift = "
-                                        ".flux. \\(it belongs to drift = .filter.\\)"):
-        load_model(bad, n_bins=16)
     bad.write_text('[transition]\ndrift = "filter"\nwidth_prior_scale = -1\n')
     with pytest.raises(SpecError, match="width_prior_scale"):
         load_model(bad, n_bins=16)
